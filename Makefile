@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:
+#   make train   create .venv if missing, install, run the main job
+#   make test    create .venv if missing, install, run the whole test suite
+#
+# Variables (override on the command line, e.g. `make test PYTEST_ARGS="-x -k topk"`):
+#   PYTHON           interpreter that creates the venv               (python3)
+#   VENV             virtual environment folder                      (.venv)
+#   TORCH_SPEC       torch requirement installed when the venv lacks torch   (torch==2.13.0)
+#   TORCH_INDEX_URL  extra package index for torch; default: the CPU wheels
+#                    (https://download.pytorch.org/whl/cpu) on a machine without an NVIDIA GPU,
+#                    none (PyPI's CUDA build) where nvidia-smi sees one. A CUDA torch already in
+#                    the system Python is reused (the venv gets --system-site-packages).
+#   TRITON_SPEC      triton requirement when the venv lacks triton    (triton==3.6.0)
+#   EXTRAS           extras of the editable install                  (dev)
+#   PYTEST_ARGS      extra arguments for pytest in `make test`
+#   TRAIN_ARGS       extra arguments for the main job in `make train`
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdc-installed
+export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL TRITON_SPEC EXTRAS
+
+.PHONY: install train test bench gpu-test clean
+
+$(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
+	bash scripts/bootstrap.sh
+	@touch $@
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) examples/ops_demo.py $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
+
+gpu-test: $(STAMP)
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module`` layers over the public ops."""
+
+from .temporal_attention import DynamicTemporalAttention
+
+__all__ = ["DynamicTemporalAttention"]

@@ -1,0 +1,112 @@
+"""Public ``max_similarity`` and ``max_similarity_topk``: validation, impl choice, dispatch."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ... import _backend, _checks
+from .reference import max_similarity_ref, max_similarity_topk_ref
+
+
+def _validate(queries, clips, lengths) -> dict:
+    _checks.tensor("queries", queries, "[Nq, D]")
+    _checks.tensor("clips", clips, "[Nv, L, D]")
+    _checks.same_device("clips", clips, "queries", queries)
+    _checks.same_dtype("clips", clips, "queries", queries)
+    if clips.shape[2] != queries.shape[1]:
+        raise ValueError(
+            f"clips must have the embedding size D of queries ({queries.shape[1]}) in [Nv, L, D], "
+            f"got clips of shape {tuple(clips.shape)}"
+        )
+    lengths = _checks.lengths("lengths", lengths, clips.shape[0], clips.shape[1], queries, "Nv")
+    return dict(queries=queries, clips=clips, lengths=lengths)
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def max_similarity(
+    queries: torch.Tensor,
+    clips: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    normalize: bool = True,
+    return_index: bool = False,
+    impl: str | None = None,
+):
+    r"""Clip-level max-similarity: the best-matching clip of every video for every query.
+
+    ::
+
+        score[n, v] = max over l < lengths[v] of <q^_n, c^_{v,l}>   (q^, c^ L2-normalised if normalize)
+        index[n, v] = the lowest l attaining it
+
+    Args:
+        queries: ``[Nq, D]``, fp32 / fp16 / bf16.
+        clips: ``[Nv, L, D]``, same dtype and device as queries.
+        lengths: ``[Nv]`` integers in ``[1, L]`` (valid clips of each video), or None (all L).
+        normalize: L2-normalise queries and clips first (``x / max(|x|, 1e-12)``).
+        return_index: also return the argmax clip of each (query, video).
+        impl: ``None`` (= ``KDC_IMPL``, default ``"auto"``), ``"auto"``, ``"reference"``,
+            ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``score`` float32 ``[Nq, Nv]``, or ``(score, index)`` with index int64 ``[Nq, Nv]``.
+        The gradient of ``score[n, v]`` flows only to ``queries[n]`` and ``clips[v, index[n, v]]``.
+        NaN in the inputs gives undefined scores and indices (not checked).
+
+    Example:
+        >>> q, c = torch.randn(10, 64), torch.randn(4, 32, 64)
+        >>> score, index = max_similarity(q, c, torch.tensor([32, 5, 1, 17]), return_index=True)
+        >>> score.shape, index.dtype
+        (torch.Size([10, 4]), torch.int64)
+    """
+    case = _validate(queries, clips, lengths)
+    case.update(normalize=_bool("normalize", normalize), return_index=_bool("return_index", return_index))
+    return _backend.dispatch("max_similarity", __package__, impl, queries.device, case, max_similarity_ref)
+
+
+def max_similarity_topk(
+    queries: torch.Tensor,
+    clips: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    k: int = 100,
+    *,
+    normalize: bool = True,
+    impl: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Corpus-scale retrieval: the k best videos of every query by clip-level max-similarity.
+
+    Same score as :func:`max_similarity`; returns per query the k best videos in descending score,
+    ties broken towards the lower video index. No autograd. Peak extra memory is ``O(Nq * k)`` plus
+    a bounded working block: the ``[Nq, Nv, L]`` tensor is never built (nor ``[Nq, Nv]`` on the
+    fast paths).
+
+    Args:
+        queries: ``[Nq, D]``; clips: ``[Nv, L, D]``; lengths: ``[Nv]`` or None; as in max_similarity.
+        k: number of videos to return, ``1 <= k <= Nv``.
+        normalize: L2-normalise queries and clips first.
+        impl: as in :func:`max_similarity`.
+
+    Returns:
+        ``(scores float32 [Nq, k], video indices int64 [Nq, k])``.
+
+    Example:
+        >>> q, c = torch.randn(10, 64), torch.randn(500, 32, 64)
+        >>> scores, videos = max_similarity_topk(q, c, k=5)
+        >>> videos.shape
+        torch.Size([10, 5])
+    """
+    case = _validate(queries, clips, lengths)
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    nv = clips.shape[0]
+    if not 1 <= int(k) <= nv:
+        raise ValueError(f"k must lie in [1, Nv] = [1, {nv}], got {k}")
+    case.update(k=int(k), normalize=_bool("normalize", normalize))
+    return _backend.dispatch("max_similarity_topk", __package__, impl, queries.device, case, max_similarity_topk_ref)

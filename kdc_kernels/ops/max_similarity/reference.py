@@ -1,0 +1,149 @@
+r"""Plain PyTorch oracle for ``max_similarity`` and ``max_similarity_topk``.
+
+::
+
+    q^ = q / max(|q|, 1e-12),  c^ = c / max(|c|, 1e-12)          (if normalize)
+    score[n, v] = max over l < lengths[v] of <q^_n, c^_{v,l}>     float32 [Nq, Nv]
+    index[n, v] = the lowest l attaining it                       int64   [Nq, Nv]
+    topk:  per query, the k best videos by score, descending, ties -> lower video index
+
+Memory stays bounded: the ``[Nq, Nv, L]`` similarity tensor is only ever built in blocks of about
+``_CHUNK_ELEMS`` fp32 values (queries x videos x clips), so a 20k x 5k x 128 x 384 problem fits a
+24 GB CPU machine. The gradient of ``score[n, v]`` flows only to ``q_n`` and ``c_{v, index[n, v]}``
+(through the normalisation when it is on): autograd runs through a gather of the argmax clip, so
+ties send the gradient to the lowest index, exactly like the fast paths.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# fp32 elements of one [queries, videos, L] similarity block.
+_CHUNK_ELEMS = 1 << 24
+_NORM_EPS = 1e-12
+
+
+def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    # fp32 math for fp32/fp16/bf16; fp64 (accepted by the reference only, for gradcheck) stays fp64.
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    return F.normalize(x, dim=-1, eps=_NORM_EPS) if normalize else x
+
+
+def _chunk_sizes(nq: int, nv: int, L: int) -> tuple[int, int]:
+    """Query and video chunk sizes whose [cq, cv, L] block holds about _CHUNK_ELEMS values."""
+    cv = max(1, min(nv, _CHUNK_ELEMS // (L * min(nq, 256))))
+    cq = max(1, min(nq, _CHUNK_ELEMS // (L * cv)))
+    return cq, cv
+
+
+def _block_max(qn: torch.Tensor, cn: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and lowest argmax over clips for one block: qn [cq, D], cn [cv, L, D], valid [cv, L]."""
+    cv, L, D = cn.shape
+    sim = (qn @ cn.reshape(cv * L, D).T).view(qn.shape[0], cv, L)
+    if valid is not None:
+        sim = sim.masked_fill(~valid[None], float("-inf"))
+    best = sim.amax(dim=-1)
+    clip = torch.arange(L, device=sim.device)
+    # lowest l with sim == max: explicit, so the tie rule does not depend on torch.max internals.
+    index = torch.where(sim == best[..., None], clip, L).amin(dim=-1)
+    return best, index
+
+
+def _max_and_index(qn: torch.Tensor, cn: torch.Tensor, lengths: torch.Tensor | None):
+    nq, (nv, L, _) = qn.shape[0], cn.shape
+    valid = None if lengths is None else torch.arange(L, device=cn.device)[None] < lengths[:, None]
+    score = torch.empty(nq, nv, dtype=qn.dtype, device=qn.device)
+    index = torch.empty(nq, nv, dtype=torch.int64, device=qn.device)
+    cq, cv = _chunk_sizes(nq, nv, L)
+    for v0 in range(0, nv, cv):
+        v1 = min(nv, v0 + cv)
+        block_valid = None if valid is None else valid[v0:v1]
+        for q0 in range(0, nq, cq):
+            q1 = min(nq, q0 + cq)
+            score[q0:q1, v0:v1], index[q0:q1, v0:v1] = _block_max(qn[q0:q1], cn[v0:v1], block_valid)
+    return score, index
+
+
+def max_similarity_ref(
+    queries: torch.Tensor,
+    clips: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    normalize: bool = True,
+    return_index: bool = False,
+):
+    """Reference clip-level max-similarity on already-validated inputs.
+
+    Args:
+        queries: ``[Nq, D]``.
+        clips: ``[Nv, L, D]``.
+        lengths: ``[Nv]`` integers in ``[1, L]`` or None.
+        normalize: L2-normalise queries and clips first.
+        return_index: also return the argmax clip index.
+
+    Returns:
+        ``score`` float32 ``[Nq, Nv]``, or ``(score, index)`` with index int64 ``[Nq, Nv]``.
+
+    Example:
+        >>> s = max_similarity_ref(torch.randn(5, 8), torch.randn(3, 4, 8), torch.tensor([4, 1, 2]))
+        >>> s.shape
+        torch.Size([5, 3])
+    """
+    with torch.no_grad():
+        score, index = _max_and_index(_prepare(queries, normalize), _prepare(clips, normalize), lengths)
+    if torch.is_grad_enabled() and (queries.requires_grad or clips.requires_grad):
+        # Re-score the winning clip with autograd: the gradient reaches only q_n and c_{v, l*}.
+        qn, cn = _prepare(queries, normalize), _prepare(clips, normalize)
+        nv = cn.shape[0]
+        video = torch.arange(nv, device=cn.device)
+        rows = []
+        cq = max(1, _CHUNK_ELEMS // max(1, nv * cn.shape[-1]))
+        for q0 in range(0, qn.shape[0], cq):
+            q1 = min(qn.shape[0], q0 + cq)
+            chosen = cn[video[None, :], index[q0:q1]]  # [cq, Nv, D]
+            rows.append(torch.einsum("nd,nvd->nv", qn[q0:q1], chosen))
+        score = torch.cat(rows, dim=0)
+    return (score, index) if return_index else score
+
+
+def max_similarity_topk_ref(
+    queries: torch.Tensor,
+    clips: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    k: int = 100,
+    *,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference corpus-scale top-k on already-validated inputs (no autograd).
+
+    Streams over the videos in blocks and keeps a running ``[Nq, k]`` best list, so peak extra
+    memory is ``O(Nq * k)`` plus one block.
+
+    Returns:
+        ``(scores float32 [Nq, k], video indices int64 [Nq, k])``, descending score, ties to the
+        lower video index.
+
+    Example:
+        >>> s, i = max_similarity_topk_ref(torch.randn(5, 8), torch.randn(30, 4, 8), k=3)
+        >>> s.shape, i.shape
+        (torch.Size([5, 3]), torch.Size([5, 3]))
+    """
+    with torch.no_grad():
+        qn, cn = _prepare(queries, normalize), _prepare(clips, normalize)
+        nq, (nv, L, _) = qn.shape[0], cn.shape
+        valid = None if lengths is None else torch.arange(L, device=cn.device)[None] < lengths[:, None]
+        best_s = torch.empty(nq, 0, dtype=qn.dtype, device=qn.device)
+        best_i = torch.empty(nq, 0, dtype=torch.int64, device=qn.device)
+        cq, cv = _chunk_sizes(nq, nv, L)
+        for v0 in range(0, nv, cv):
+            v1 = min(nv, v0 + cv)
+            block_valid = None if valid is None else valid[v0:v1]
+            block = torch.cat([_block_max(qn[q0 : q0 + cq], cn[v0:v1], block_valid)[0] for q0 in range(0, nq, cq)])
+            ids = torch.arange(v0, v1, device=qn.device).expand(nq, -1)
+            # Earlier entries hold lower video indices, so a stable descending sort of
+            # [kept, new] breaks ties towards the lower index.
+            cand_s, cand_i = torch.cat([best_s, block], dim=1), torch.cat([best_i, ids], dim=1)
+            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
+            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+    return best_s, best_i

@@ -1,0 +1,105 @@
+"""Public ``windowed_attention``: validation, implementation choice, dispatch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import _backend, _checks
+from .reference import windowed_attention_ref
+
+OP_NAME = "windowed_attention"
+
+
+def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff) -> dict:
+    layout = "[B, H, L, D]"
+    _checks.tensor("q", q, layout)
+    B, H, L, D = q.shape
+    for name, x in (("k", k), ("v", v)):
+        _checks.tensor(name, x, layout)
+        _checks.same_device(name, x, "q", q)
+        _checks.same_dtype(name, x, "q", q)
+        _checks.shape(name, x, (B, H, L, D), layout)
+    if rel_bias is not None:
+        _checks.tensor("rel_bias", rel_bias, "[H, 2R+1]")
+        _checks.same_device("rel_bias", rel_bias, "q", q)
+        if rel_bias.shape[0] != H or rel_bias.shape[1] % 2 != 1:
+            raise ValueError(
+                f"rel_bias must have shape [H, 2R+1] with H = {H} and an odd number of columns, "
+                f"got {tuple(rel_bias.shape)}"
+            )
+    if sigma is not None:
+        _checks.tensor("sigma", sigma, "[B, H, L]")
+        _checks.same_device("sigma", sigma, "q", q)
+        _checks.shape("sigma", sigma, (B, H, L), "[B, H, L]")
+        if _checks.value_checks_enabled():
+            bad = ~(torch.isfinite(sigma) & (sigma > 0))
+            if bool(bad.any()):
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"sigma must be finite and > 0 everywhere, got {float(sigma[first])} at index {first}"
+                )
+    lengths = _checks.lengths("lengths", lengths, B, L, q, "B")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    cutoff = _checks.positive_float("cutoff", cutoff)
+    if cutoff is not None and sigma is None:
+        raise ValueError("cutoff needs sigma: the window is |i - j| <= cutoff * sigma[b, h, i], got sigma=None")
+    return dict(q=q, k=k, v=v, rel_bias=rel_bias, sigma=sigma, lengths=lengths, scale=scale, cutoff=cutoff)
+
+
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_bias: torch.Tensor | None = None,
+    sigma: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    cutoff: float | None = None,
+    impl: str | None = None,
+) -> torch.Tensor:
+    r"""Dynamic temporal windowed attention with a relative position bias table.
+
+    For batch b, head h, query i and key j::
+
+        logit[i, j] = scale * <q_i, k_j> + rel_bias[h, clamp(j - i, -R, R) + R]
+                      - (i - j)^2 / (2 * sigma[b, h, i]^2)
+        key j is excluded when j >= lengths[b] or |i - j| > cutoff * sigma[b, h, i]
+        out[i] = softmax_j(logit[i, :]) @ v   (i < lengths[b]),   0 for padded rows
+
+    Args:
+        q, k, v: ``[B, H, L, D]``, fp32 / fp16 / bf16, same dtype and device, any strides.
+        rel_bias: ``[H, 2R+1]`` float relative position bias table, or None.
+        sigma: ``[B, H, L]`` float > 0, per-query Gaussian window width (in positions), or None.
+        lengths: ``[B]`` integers in ``[1, L]`` (valid prefix of each sequence), or None (all L).
+        scale: logit scale, default ``D ** -0.5``.
+        cutoff: float > 0: drop keys with ``|i - j| > cutoff * sigma_i`` (needs sigma).
+        impl: ``None`` (= ``KDC_IMPL``, default ``"auto"``), ``"auto"``, ``"reference"``,
+            ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``[B, H, L, D]`` in q's dtype. Softmax and accumulation run in fp32. Gradients flow to
+        q, k, v, rel_bias and sigma. NaN or inf in q/k/v/rel_bias propagate to the output rows
+        they touch; they are not checked.
+
+    Raises:
+        TypeError / ValueError: invalid arguments (the message names the argument).
+        NotImplementedError: an explicit ``impl`` cannot run this call (every reason listed).
+
+    Example:
+        >>> B, H, L, D = 2, 4, 32, 16
+        >>> q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+        >>> out = windowed_attention(q, k, v, rel_bias=torch.zeros(H, 9),
+        ...                          sigma=torch.full((B, H, L), 4.0), lengths=torch.tensor([32, 7]))
+        >>> out.shape
+        torch.Size([2, 4, 32, 16])
+    """
+    case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff)
+    return _backend.dispatch(OP_NAME, __package__, impl, q.device, case, windowed_attention_ref)

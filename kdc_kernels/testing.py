@@ -1,0 +1,133 @@
+"""Input factories, the tolerance table and comparison helpers shared by tests and benchmarks.
+
+Every fast path is checked against the reference with these, on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Max abs error allowed against an fp32 reference for outputs of roughly unit scale.
+# fp16/bf16: the contract says "within 2x the reference's own error in that dtype, plus a small
+# atol"; compare_low_precision() implements that rule, these are the floors.
+TOLERANCE = {
+    torch.float64: 1e-8,
+    torch.float32: 1e-4,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1e-2,
+}
+TF32_TOLERANCE = 1e-3
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def ragged_lengths(batch: int, max_len: int, seed: int = 0, device="cpu") -> torch.Tensor:
+    """Random lengths in [1, max_len] that include 1 and max_len whenever batch >= 2."""
+    g = make_generator(seed)
+    lengths = torch.randint(1, max_len + 1, (batch,), generator=g)
+    if batch >= 2:
+        lengths[0], lengths[-1] = max_len, 1
+    return lengths.to(device)
+
+
+def _randn(shape, dtype, device, g, noncontiguous: bool) -> torch.Tensor:
+    if noncontiguous:
+        # Build with the last two dims swapped, then transpose back: same shape, other strides.
+        swapped = list(shape[:-2]) + [shape[-1], shape[-2]] if len(shape) >= 2 else list(shape)
+        x = torch.randn(swapped, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+        return x.transpose(-1, -2) if len(shape) >= 2 else x
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def attention_inputs(
+    B: int, H: int, L: int, D: int, *, R: int | None = 2, sigma: bool = True, lengths: str | None = "ragged",
+    dtype=torch.float32, device="cpu", noncontiguous: bool = False, requires_grad: bool = False, seed: int = 0,
+) -> dict:
+    """Random arguments for ``windowed_attention`` (kwargs dict: q, k, v, rel_bias, sigma, lengths).
+
+    ``lengths``: ``"ragged"`` (includes 1 and L), ``"full"`` (all L, passed explicitly) or None.
+    sigma is drawn in [0.5, L/2 + 1] so both narrow and wide windows occur.
+    """
+    g = make_generator(seed)
+    q, k, v = (_randn((B, H, L, D), dtype, device, g, noncontiguous) for _ in range(3))
+    args = dict(q=q, k=k, v=v, rel_bias=None, sigma=None, lengths=None)
+    if R is not None:
+        args["rel_bias"] = (0.5 * torch.randn(H, 2 * R + 1, generator=g)).to(device)
+    if sigma:
+        args["sigma"] = (0.5 + torch.rand(B, H, L, generator=g) * (L / 2 + 0.5)).to(device)
+    if lengths == "ragged":
+        args["lengths"] = ragged_lengths(B, L, seed, device)
+    elif lengths == "full":
+        args["lengths"] = torch.full((B,), L, dtype=torch.int64, device=device)
+    if requires_grad:
+        for name in ("q", "k", "v", "rel_bias", "sigma"):
+            if args[name] is not None:
+                args[name].requires_grad_(True)
+    return args
+
+
+def similarity_inputs(
+    nq: int, nv: int, L: int, D: int, *, lengths: str | None = "ragged", dtype=torch.float32, device="cpu",
+    noncontiguous: bool = False, requires_grad: bool = False, seed: int = 0,
+) -> dict:
+    """Random arguments for ``max_similarity`` (kwargs dict: queries, clips, lengths)."""
+    g = make_generator(seed)
+    queries = _randn((nq, D), dtype, device, g, noncontiguous)
+    clips = _randn((nv, L, D), dtype, device, g, noncontiguous)
+    lens = None
+    if lengths == "ragged":
+        lens = ragged_lengths(nv, L, seed, device)
+    elif lengths == "full":
+        lens = torch.full((nv,), L, dtype=torch.int64, device=device)
+    if requires_grad:
+        queries.requires_grad_(True)
+        clips.requires_grad_(True)
+    return dict(queries=queries, clips=clips, lengths=lens)
+
+
+def with_ties(clips: torch.Tensor, lengths: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """Copy of ``clips [Nv, L, D]`` in which some videos repeat a clip (exact max ties) and some
+    videos equal each other (exact top-k ties)."""
+    clips = clips.detach().clone()
+    nv, L, _ = clips.shape
+    g = make_generator(seed)
+    for v in range(0, nv, 2):
+        n = L if lengths is None else int(lengths[v])
+        if n >= 2:
+            src, dst = sorted(torch.randperm(n, generator=g)[:2].tolist())
+            clips[v, dst] = clips[v, src]
+    if nv >= 3:
+        clips[nv - 1] = clips[1]
+    return clips
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN (or -1 for integer tensors) so an unwritten element fails a comparison."""
+    return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+
+def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "output") -> None:
+    """Max-abs-error check that fails on NaN, shape or dtype mismatch and names what differed."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if torch.isnan(actual).any() and not torch.isnan(expected).any():
+        raise AssertionError(f"{name}: {int(torch.isnan(actual).sum())} NaN element(s) (unwritten output?)")
+    err = max_abs_err(actual, expected)
+    if not err <= atol:
+        where = tuple(int(i) for i in torch.nonzero((actual.double() - expected.double()).abs() > atol)[0])
+        raise AssertionError(f"{name}: max abs error {err:.3g} > {atol:.3g} (first at {where})")
+
+
+def compare_low_precision(actual: torch.Tensor, ref_low: torch.Tensor, ref_fp32: torch.Tensor,
+                          name: str = "output", atol: float | None = None) -> None:
+    """The contract's rule for fp16/bf16: error against the fp32 reference within 2x the
+    reference's own error in that dtype, plus a small atol."""
+    own = max_abs_err(ref_low, ref_fp32)
+    floor = TOLERANCE.get(actual.dtype, 1e-4) if atol is None else atol
+    assert_close(actual.float(), ref_fp32.float(), 2 * own + floor, name)

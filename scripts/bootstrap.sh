@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates the virtual environment (if missing) and installs the project into it.
+# Called by `make`; every knob is an environment variable (documented in the Makefile and README).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TRITON_SPEC=${TRITON_SPEC:-triton==3.6.0}
+EXTRAS=${EXTRAS:-dev}
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # Reuse a CUDA torch that the system Python already has (GPU machines): a CUDA build is several GB.
+  if "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+    echo "bootstrap: system Python has a CUDA build of torch; creating $VENV with --system-site-packages to reuse it"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    echo "bootstrap: creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --disable-pip-version-check -q)
+
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  # TORCH_INDEX_URL chooses the build: by default the CPU wheels on a machine without an NVIDIA GPU
+  # (a CUDA build is several GB), the default index (CUDA builds on Linux) where there is one.
+  if [ -z "${TORCH_INDEX_URL+x}" ]; then
+    if has_gpu; then TORCH_INDEX_URL=""; else TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"; fi
+  fi
+  echo "bootstrap: installing $TORCH_SPEC${TORCH_INDEX_URL:+ (extra index $TORCH_INDEX_URL)}"
+  if [ -n "$TORCH_INDEX_URL" ]; then
+    "${PIP[@]}" --retries 1 --extra-index-url "$TORCH_INDEX_URL" "$TORCH_SPEC"
+  else
+    "${PIP[@]}" "$TORCH_SPEC"
+  fi
+fi
+if ! "$PY" -c "import triton" >/dev/null 2>&1; then
+  echo "bootstrap: installing $TRITON_SPEC (fast paths on GPU; interpreter tests on CPU)"
+  "${PIP[@]}" "$TRITON_SPEC"
+fi
+echo "bootstrap: installing kdc-kernels (editable, extras: $EXTRAS)"
+"${PIP[@]}" --no-build-isolation -e ".[$EXTRAS]"
+"$PY" -c "import torch, kdc_kernels; print(f'bootstrap: ready: torch {torch.__version__}, kdc_kernels {kdc_kernels.__version__}')"
