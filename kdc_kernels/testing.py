@@ -87,9 +87,19 @@ def similarity_inputs(
     return dict(queries=queries, clips=clips, lengths=lens)
 
 
+def integer_valued(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
+    """``x`` rounded to integers in [-levels, levels] (same dtype). Dot products of such vectors are
+    exact in fp32 whatever the summation order, so built-in ties stay ties in every implementation."""
+    return x.float().mul(levels / 2).round().clamp(-levels, levels).to(x.dtype)
+
+
 def with_ties(clips: torch.Tensor, lengths: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Copy of ``clips [Nv, L, D]`` in which some videos repeat a clip (exact max ties) and some
-    videos equal each other (exact top-k ties)."""
+    videos equal each other (exact top-k ties).
+
+    Identical vectors give identical dot products only if every implementation sums in the same
+    order; for order-independent ties use ``integer_valued`` inputs and ``normalize=False``.
+    """
     clips = clips.detach().clone()
     nv, L, _ = clips.shape
     g = make_generator(seed)

@@ -42,11 +42,9 @@ def _block_max(qn: torch.Tensor, cn: torch.Tensor, valid: torch.Tensor | None) -
     cv, L, D = cn.shape
     sim = (qn @ cn.reshape(cv * L, D).T).view(qn.shape[0], cv, L)
     if valid is not None:
-        sim = sim.masked_fill(~valid[None], float("-inf"))
-    best = sim.amax(dim=-1)
-    clip = torch.arange(L, device=sim.device)
-    # lowest l with sim == max: explicit, so the tie rule does not depend on torch.max internals.
-    index = torch.where(sim == best[..., None], clip, L).amin(dim=-1)
+        sim.masked_fill_(~valid[None], float("-inf"))
+    # torch.max returns the first maximal index on ties (documented); the tests check it.
+    best, index = sim.max(dim=-1)
     return best, index
 
 

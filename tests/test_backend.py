@@ -1,0 +1,94 @@
+"""Implementation choice: impl keyword, KDC_IMPL, auto rules, and the reasons an impl cannot run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdc_kernels as K
+from kdc_kernels import _backend, testing
+
+
+def _attention_case():
+    return testing.attention_inputs(1, 2, 4, 8, seed=0)
+
+
+def test_auto_on_cpu_is_reference_even_with_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pick = _backend.resolve("windowed_attention", "auto", torch.device("cpu"), lambda name: [])
+    assert pick == "reference"
+
+
+def test_auto_on_cuda_prefers_cuda_then_triton_then_reference():
+    cuda = torch.device("cuda")
+    assert _backend.resolve("x", "auto", cuda, lambda name: []) == "cuda"
+    assert _backend.resolve("x", "auto", cuda, lambda name: ["no"] if name == "cuda" else []) == "triton"
+    assert _backend.resolve("x", "auto", cuda, lambda name: [] if name == "reference" else ["no"]) == "reference"
+
+
+def test_explicit_impl_lists_every_reason():
+    with pytest.raises(NotImplementedError) as info:
+        _backend.resolve("op", "triton", torch.device("cpu"), lambda name: ["reason one", "reason two"])
+    assert "op(impl='triton') cannot run this call" in str(info.value)
+    assert "reason one" in str(info.value) and "reason two" in str(info.value)
+
+
+def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = _backend.triton_env_reasons(torch.device("cpu"))
+    assert any("TRITON_INTERPRET=1" in r for r in reasons)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not any("TRITON_INTERPRET" in r for r in _backend.triton_env_reasons(torch.device("cpu")))
+
+
+def test_cuda_impl_on_cpu_tensors_raises_with_reasons():
+    with pytest.raises(NotImplementedError, match="CUDA tensors"):
+        K.windowed_attention(**_attention_case(), impl="cuda")
+    with pytest.raises(NotImplementedError, match="compiled extension"):
+        K.max_similarity(**testing.similarity_inputs(2, 2, 2, 4), impl="cuda")
+
+
+def test_kdc_impl_environment_variable(monkeypatch):
+    args = testing.similarity_inputs(3, 2, 4, 8)
+    monkeypatch.setenv("KDC_IMPL", "reference")
+    ref = K.max_similarity(**args)
+    torch.testing.assert_close(ref, K.max_similarity(**args, impl="reference"))
+    monkeypatch.setenv("KDC_IMPL", "cuda")
+    with pytest.raises(NotImplementedError):
+        K.max_similarity(**args)
+    # an explicit keyword wins over the variable
+    torch.testing.assert_close(K.max_similarity(**args, impl="auto"), ref)
+    monkeypatch.setenv("KDC_IMPL", "bogus")
+    with pytest.raises(ValueError, match="KDC_IMPL must be one of"):
+        K.max_similarity(**args)
+
+
+def test_impl_keyword_is_case_insensitive_and_validated():
+    args = testing.similarity_inputs(3, 2, 4, 8)
+    K.max_similarity(**args, impl="Reference")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        K.max_similarity(**args, impl="fastest")
+
+
+def test_skip_value_checks(monkeypatch):
+    args = testing.attention_inputs(1, 1, 4, 4, seed=0)
+    args["sigma"] = -args["sigma"]
+    with pytest.raises(ValueError):
+        K.windowed_attention(**args)
+    monkeypatch.setenv("KDC_SKIP_VALUE_CHECKS", "1")
+    K.windowed_attention(**args)  # trusted: no device sync, no check
+    monkeypatch.setenv("KDC_SKIP_VALUE_CHECKS", "maybe")
+    with pytest.raises(ValueError, match="KDC_SKIP_VALUE_CHECKS must be 0 or 1"):
+        K.windowed_attention(**args)
+
+
+def test_info_reports_versions_and_choices():
+    out = subprocess.run([sys.executable, "-m", "kdc_kernels.info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for needle in (f"torch {torch.__version__}", "triton", "compiled extension:", "Triton interpreter",
+                   "cpu  windowed_attention   -> reference", "cuda max_similarity_topk", "auto picks"):
+        assert needle in text, needle
