@@ -6,10 +6,10 @@
 #   PYTHON           interpreter that creates the venv               (python3)
 #   VENV             virtual environment folder                      (.venv)
 #   TORCH_SPEC       torch requirement installed when the venv lacks torch   (torch==2.13.0)
-#   TORCH_INDEX_URL  extra package index for torch; default: the CPU wheels
+#   TORCH_INDEX_URL  extra package index for torch (auto): auto = the CPU wheels
 #                    (https://download.pytorch.org/whl/cpu) on a machine without an NVIDIA GPU,
-#                    none (PyPI's CUDA build) where nvidia-smi sees one. A CUDA torch already in
-#                    the system Python is reused (the venv gets --system-site-packages).
+#                    none (PyPI's CUDA build) where nvidia-smi sees one; empty = none. A CUDA torch
+#                    already in the system Python is reused (the venv gets --system-site-packages).
 #   TRITON_SPEC      triton requirement when the venv lacks triton    (triton==3.6.0)
 #   EXTRAS           extras of the editable install                  (dev)
 #   PYTEST_ARGS      extra arguments for pytest in `make test`
@@ -17,6 +17,10 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?= auto
+TRITON_SPEC ?= triton==3.6.0
+EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdc-installed
 export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL TRITON_SPEC EXTRAS

@@ -25,10 +25,20 @@ PY="$VENV/bin/python"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  # TORCH_INDEX_URL chooses the build: by default the CPU wheels on a machine without an NVIDIA GPU
-  # (a CUDA build is several GB), the default index (CUDA builds on Linux) where there is one.
-  if [ -z "${TORCH_INDEX_URL+x}" ]; then
-    if has_gpu; then TORCH_INDEX_URL=""; else TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"; fi
+  # TORCH_INDEX_URL chooses the build. "auto" (default): the CPU wheels on a machine without an
+  # NVIDIA GPU (a CUDA build is several GB), the default index (CUDA builds on Linux) where there is
+  # one. Empty: the default index only.
+  TORCH_INDEX_URL=${TORCH_INDEX_URL-auto}
+  if [ "$TORCH_INDEX_URL" = "auto" ]; then
+    if has_gpu; then
+      TORCH_INDEX_URL=""
+    else
+      TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
+      if ! "$PY" -c "import socket; socket.getaddrinfo('download.pytorch.org', 443)" >/dev/null 2>&1; then
+        echo "bootstrap: $TORCH_INDEX_URL is unreachable; taking $TORCH_SPEC from the configured indexes"
+        TORCH_INDEX_URL=""
+      fi
+    fi
   fi
   echo "bootstrap: installing $TORCH_SPEC${TORCH_INDEX_URL:+ (extra index $TORCH_INDEX_URL)}"
   if [ -n "$TORCH_INDEX_URL" ]; then
