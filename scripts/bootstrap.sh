@@ -54,3 +54,5 @@ fi
 echo "bootstrap: installing kdc-kernels (editable, extras: $EXTRAS)"
 "${PIP[@]}" --no-build-isolation -e ".[$EXTRAS]"
 "$PY" -c "import torch, kdc_kernels; print(f'bootstrap: ready: torch {torch.__version__}, kdc_kernels {kdc_kernels.__version__}')"
+# pip hides setup.py's output: say here whether the CUDA extension was compiled, and why not.
+"$PY" -m kdc_kernels.info | sed -n 's/^compiled extension: /bootstrap: compiled CUDA extension: /p'
