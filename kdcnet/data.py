@@ -327,6 +327,11 @@ class _H5:
         self._file = None
         self._pid = None
 
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._pid = None
+
     def get(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
             self._file = _open_h5(self.path)
@@ -421,6 +426,16 @@ class PRVRCollection:
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[str, int], np.ndarray] = {}
         self._cached_bytes = 0
+        self._text = self._teacher_video = self._teacher_query = None
+        self._features = self._features_pid = None
+        try:
+            self._open(visual_feature, teacher)
+        except BaseException:
+            self.close()          # do not keep files open (and locked for writing) after a failed open
+            raise
+
+    def _open(self, visual_feature: str | None, teacher: bool) -> None:
+        root, collection, split = self.root, self.collection, self.split
 
         base = self.root / collection
         text_root, feature_root = base / "TextData", base / "FeatureData"
@@ -462,6 +477,19 @@ class PRVRCollection:
 
         self._open_teacher(teacher, first_cap)
 
+    def close(self) -> None:
+        """Close the HDF5 files and drop the memory map (reading again reopens them)."""
+        for h5 in (self._text, self._teacher_video, self._teacher_query):
+            if h5 is not None:
+                h5.close()
+        self._features = self._features_pid = None
+
+    def __enter__(self) -> "PRVRCollection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ----------------------------------------------------------------- opening
 
     def _open_visual(self, feature_root: Path, visual_feature: str | None) -> None:
@@ -482,8 +510,6 @@ class PRVRCollection:
         self.visual_feature = visual_feature
         self._bigfile = _bigfile_index(folder)
         self.visual_dim = self._bigfile.dim
-        self._features = None
-        self._features_pid = None
 
     def _resolve_frames(self, first_cap: dict[str, str]) -> None:
         """Rows of every video of the split, checked against video2frames.txt and id.txt."""
@@ -508,7 +534,6 @@ class PRVRCollection:
     def _open_teacher(self, teacher: bool, first_cap: dict[str, str]) -> None:
         self.teacher_dim = None
         self.has_teacher = False
-        self._teacher_video = self._teacher_query = None
         if not teacher:
             return
         vfile, qfile = teacher_video_path(self.root, self.collection), teacher_query_path(self.root, self.collection)
@@ -552,33 +577,35 @@ class PRVRCollection:
         """Frames of video ``i`` after bin-averaging (``len(video(i))``)."""
         return min(self.num_frames(i), self.max_frames)
 
-    def _cached(self, kind: str, i: int, load) -> np.ndarray:
+    def _item(self, kind: str, i: int) -> np.ndarray:
+        """Item ``i`` of ``kind`` ("video", "query", "teacher_video", "teacher_query"), from the
+        cache when there (read-only: callers that keep it must copy)."""
         x = self._cache.get((kind, i))
         if x is None:
-            x = load(i)
+            if kind.startswith("teacher") and not self.has_teacher:
+                raise RuntimeError(f"collection {self.collection!r} ({self.split}) was opened without teacher features")
+            x = getattr(self, "_load_" + kind)(i)
             if self._cached_bytes + x.nbytes <= self.cache_bytes:
-                x.flags.writeable = False          # shared with later callers
+                x.flags.writeable = False
                 self._cache[(kind, i)] = x
                 self._cached_bytes += x.nbytes
         return x
 
     def video(self, i: int) -> np.ndarray:
         """float32 ``[m, Dv]``: video ``i`` bin-averaged to ``m <= max_frames`` frames, each L2-normalised."""
-        return self._cached("video", i, self._load_video)
+        return self._item("video", i).copy()
 
     def query(self, j: int) -> np.ndarray:
         """float32 ``[n <= max_tokens, Dq]``: the first tokens of caption ``j``, each L2-normalised."""
-        return self._cached("query", j, self._load_query)
+        return self._item("query", j).copy()
 
     def teacher_video(self, i: int) -> np.ndarray:
         """float32 ``[m, Dt]`` on the grid of :meth:`video` (same ``m``), each frame L2-normalised."""
-        self._need_teacher()
-        return self._cached("teacher_video", i, self._load_teacher_video)
+        return self._item("teacher_video", i).copy()
 
     def teacher_query(self, j: int) -> np.ndarray:
         """float32 ``[Dt]``: the teacher's sentence feature of caption ``j``, L2-normalised."""
-        self._need_teacher()
-        return self._cached("teacher_query", j, self._load_teacher_query)
+        return self._item("teacher_query", j).copy()
 
     def _load_video(self, i: int) -> np.ndarray:
         rows = self._rows[self._offsets[i]:self._offsets[i + 1]]
@@ -609,10 +636,6 @@ class PRVRCollection:
         if x.shape not in ((self.teacher_dim,), (1, self.teacher_dim)):
             raise _fail(self._teacher_query.path, f"key {key!r}", f"expected [1, {self.teacher_dim}], got {x.shape}")
         return l2_normalize(x.reshape(-1))
-
-    def _need_teacher(self) -> None:
-        if not self.has_teacher:
-            raise RuntimeError(f"collection {self.collection!r} ({self.split}) was opened without teacher features")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -662,12 +685,12 @@ def _pad(arrays: list[np.ndarray], dim: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _make_batch(data: PRVRCollection, videos: Sequence[int], queries: Sequence[int], query_video: Sequence[int]) -> Batch:
-    v, v_len = _pad([data.video(i) for i in videos], data.visual_dim)
-    q, q_len = _pad([data.query(j) for j in queries], data.text_dim)
+    v, v_len = _pad([data._item("video", i) for i in videos], data.visual_dim)
+    q, q_len = _pad([data._item("query", j) for j in queries], data.text_dim)
     tv = tq = None
     if data.has_teacher:
-        tv, _ = _pad([data.teacher_video(i) for i in videos], data.teacher_dim)
-        tq = torch.from_numpy(np.stack([data.teacher_query(j) for j in queries]) if len(queries)
+        tv, _ = _pad([data._item("teacher_video", i) for i in videos], data.teacher_dim)
+        tq = torch.from_numpy(np.stack([data._item("teacher_query", j) for j in queries]) if len(queries)
                               else np.zeros((0, data.teacher_dim), dtype=np.float32))
     return Batch(
         videos=v, video_lengths=v_len, queries=q, query_lengths=q_len,
