@@ -211,6 +211,32 @@ def _decode_str(token: str) -> str:
     return token[1:-1]
 
 
+def _plain_list(text: str, pos: int) -> tuple[list[str] | None, int]:
+    """Fast path for the common list ``['f1', 'f2', ...]`` (one quote kind, no escapes, no commas
+    or brackets inside ids) using only C-level string methods; ``(None, pos)`` when it does not
+    apply, and the regex scanner decides."""
+    if not text.startswith("[", pos):
+        return None, pos
+    end = text.find("]", pos)
+    if end < 0:
+        return None, pos
+    body = text[pos + 1:end]
+    if not body.strip():
+        return [], end + 1
+    quote = body.lstrip()[0]
+    if quote not in "'\"" or "\\" in body or ("'" if quote == '"' else '"') in body:
+        return None, pos
+    items = [s.strip() for s in body.split(",")]
+    if len(items) > 1 and not items[-1]:
+        items.pop()                                                   # trailing comma
+    joined = ",".join(items)
+    # every item is quote...quote with no quote inside: k items, 2k quotes, k-1 quote-comma-quote joints
+    if (min(map(len, items)) < 2 or not (joined.startswith(quote) and joined.endswith(quote))
+            or joined.count(quote) != 2 * len(items) or joined.count(quote + "," + quote) != len(items) - 1):
+        return None, pos
+    return [s[1:-1] for s in items], end + 1
+
+
 def parse_video2frames(text: str, path="video2frames.txt") -> dict[str, list[str]]:
     """Parse the dict literal of ``video2frames.txt`` safely; errors name the line."""
 
@@ -238,11 +264,14 @@ def parse_video2frames(text: str, path="video2frames.txt") -> dict[str, list[str
         if not text.startswith(":", pos):
             raise fail(pos, f"expected ':' after video id {key!r}")
         pos = skip(pos + 1)
-        m = _LIST_RE.match(text, pos)
-        if m is None:
-            raise fail(pos, f"expected a list of quoted frame ids for video {key!r}")
-        out[key] = [_decode_str(s) for s in _STR_RE.findall(text, m.start(), m.end())]
-        pos = skip(m.end())
+        frames, end = _plain_list(text, pos)
+        if frames is None:
+            m = _LIST_RE.match(text, pos)
+            if m is None:
+                raise fail(pos, f"expected a list of quoted frame ids for video {key!r}")
+            frames, end = [_decode_str(s) for s in _STR_RE.findall(text, m.start(), m.end())], m.end()
+        out[key] = frames
+        pos = skip(end)
         if text.startswith(",", pos):
             pos = skip(pos + 1)
         elif not text.startswith("}", pos):
@@ -339,25 +368,26 @@ class _H5:
         return self._file
 
     def read(self, key: str, rows: int | None = None) -> np.ndarray:
-        """Dataset ``key`` as float32 (its first ``rows`` rows if given); the low-level API is ~4x
-        cheaper per small dataset than ``File[key][...]``, which matters at one read per item."""
+        """Dataset ``key`` as float32 (its first ``rows`` rows if given). The low-level API costs a
+        fraction of ``File[key][...]`` per small dataset, which matters at one read per item."""
         try:
             ds = h5py.h5d.open(self.get().id, key.encode("utf-8"))
-        except KeyError:
-            raise _fail(self.path, f"key {key!r}", "missing") from None
+        except KeyError as e:          # absent, or a group
+            what = "is not a dataset" if "not a dataset" in str(e) else "missing"
+            raise _fail(self.path, f"key {key!r}", what) from None
         shape = ds.shape
-        if ds.get_type().get_class() not in (h5py.h5t.FLOAT, h5py.h5t.INTEGER):
-            raise _fail(self.path, f"key {key!r}", "expected a numeric array")
+        memory_space = file_space = h5py.h5s.ALL
         if rows is not None and len(shape) == 2 and shape[0] > rows:
             shape = (rows, shape[1])
             file_space = ds.get_space()
             file_space.select_hyperslab((0, 0), shape)
-            out = np.empty(shape, dtype=np.float32)
-            ds.read(h5py.h5s.create_simple(shape), file_space, out)
-            return out
+            memory_space = h5py.h5s.create_simple(shape)
         out = np.empty(shape, dtype=np.float32)
         if out.size:
-            ds.read(h5py.h5s.ALL, h5py.h5s.ALL, out)
+            try:
+                ds.read(memory_space, file_space, out, mtype=h5py.h5t.NATIVE_FLOAT)
+            except (OSError, TypeError, ValueError) as e:
+                raise _fail(self.path, f"key {key!r}", f"cannot be read as float32 ({e})") from None
         return out
 
     def __getstate__(self):
@@ -524,7 +554,7 @@ class PRVRCollection:
             if not frames:
                 raise _fail(v2f_file, f"video {vid!r}", f"lists no frames (caption {first_cap[vid]!r} needs them)")
             try:
-                rows.extend(index.row_of[f] for f in frames)
+                rows.extend(map(index.row_of.__getitem__, frames))
             except KeyError as e:
                 raise _fail(v2f_file, f"video {vid!r}", f"frame id {e.args[0]!r} is not in {index.folder / 'id.txt'}") from None
             offsets.append(len(rows))

@@ -1,6 +1,7 @@
 """kdcnet.data: round trip against independently computed values, every malformed-input error, batching."""
 
 import ast
+import json
 import multiprocessing
 import pickle
 import re
@@ -124,6 +125,16 @@ def test_video2frames_parser_forms():
     many = "{\n  'a': [\n    'a_0',\n    'a_1'\n  ],\n  'b': ['b_0']\n}\n"
     assert parse_video2frames(many) == {"a": ["a_0", "a_1"], "b": ["b_0"]}
     assert parse_video2frames("  {}  ") == {}
+
+
+def test_video2frames_parser_matches_python_on_awkward_ids():
+    ids = ["plain_1", "with,comma", "with]bracket", "it's", 'say "hi"', "back\\slash", "tab\tin", "", "ü-ñ", " spaced "]
+    rng = np.random.default_rng(0)
+    v2f = {f"v{i}{ids[i % len(ids)]}": [ids[k] for k in rng.integers(0, len(ids), size=int(rng.integers(0, 6)))]
+           for i in range(40)}
+    v2f["clean"] = ["clean_0", "clean_1"]
+    assert parse_video2frames(repr(v2f)) == v2f
+    assert parse_video2frames(json.dumps(v2f, indent=1)) == v2f
 
 
 @pytest.mark.parametrize("text, line, what", [
@@ -317,9 +328,18 @@ def test_bad_item_shapes_are_named_when_read(tiny_copy):
     with h5py.File(tiny_copy / NAME / "FeatureData" / f"new_clip_vit_32_{NAME}_vid_features.hdf5", "a") as f:
         del f[vid]
         f[vid] = np.ones((3, 5), np.float32)
+    cap2, cap3 = data.cap_ids[2], data.cap_ids[3]
+    with h5py.File(_text(tiny_copy, f"roberta_{NAME}_query_feat.hdf5"), "a") as f:
+        del f[cap2], f[cap3]
+        f.create_group(cap2)
+        f[cap3] = np.array([b"not", b"numbers"])
     data = _open(tiny_copy)          # structure is fine at open time
     with pytest.raises(DataError, match=rf"roberta_{NAME}_query_feat.hdf5: key '{re.escape(cap)}': expected \[n_tokens >= 1, 16\], got \(4, 17\)"):
         data.query(1)
+    with pytest.raises(DataError, match=rf"key '{re.escape(cap2)}': is not a dataset"):
+        data.query(2)
+    with pytest.raises(DataError, match=rf"key '{re.escape(cap3)}': cannot be read as float32"):
+        data.query(3)
     with pytest.raises(DataError, match=rf"key '{vid}': expected \[n_frames >= 1, 8\], got \(3, 5\)"):
         data.teacher_video(1)
 
@@ -349,17 +369,17 @@ def _check_batch(data, b, with_queries=True, with_videos=True):
     for pos, i in enumerate(b.video_index.tolist()):
         n = data.video_length(i)
         assert b.video_lengths[pos] == n
-        torch.testing.assert_close(b.videos[pos, :n], torch.from_numpy(data.video(i)), rtol=0, atol=0)
+        assert torch.equal(b.videos[pos, :n], torch.from_numpy(data.video(i)))
         assert not b.videos[pos, n:].any()
-        torch.testing.assert_close(b.teacher_videos[pos, :n], torch.from_numpy(data.teacher_video(i)), rtol=0, atol=0)
+        assert torch.equal(b.teacher_videos[pos, :n], torch.from_numpy(data.teacher_video(i)))
         assert not b.teacher_videos[pos, n:].any()
     assert b.videos.shape[1] == (int(b.video_lengths.max()) if len(b.video_lengths) else 0)
     for pos, j in enumerate(b.query_index.tolist()):
         n = len(data.query(j))
         assert b.query_lengths[pos] == n
-        torch.testing.assert_close(b.queries[pos, :n], torch.from_numpy(data.query(j)), rtol=0, atol=0)
+        assert torch.equal(b.queries[pos, :n], torch.from_numpy(data.query(j)))
         assert not b.queries[pos, n:].any()
-        torch.testing.assert_close(b.teacher_queries[pos], torch.from_numpy(data.teacher_query(j)), rtol=0, atol=0)
+        assert torch.equal(b.teacher_queries[pos], torch.from_numpy(data.teacher_query(j)))
     assert b.queries.shape[1] == (int(b.query_lengths.max()) if len(b.query_lengths) else 0)
 
 
