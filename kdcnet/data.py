@@ -308,7 +308,7 @@ def _bigfile_index(folder: Path) -> _BigFileIndex:
     return _parse_bigfile(folder.resolve(), stamp)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)     # the splits of a collection share one folder; real indexes are large
 def _parse_bigfile(folder: Path, stamp: tuple) -> _BigFileIndex:
     shape_file = folder / "shape.txt"
     shape_text = _read_text(shape_file)
@@ -321,7 +321,7 @@ def _parse_bigfile(folder: Path, stamp: tuple) -> _BigFileIndex:
         raise _fail(shape_file, "line 1", f"expected two positive integers 'N D', got {shape_text.strip()!r}") from None
 
     feature_file = folder / "feature.bin"
-    size = stamp[0][1]
+    size = dict(zip(BIGFILE_FILES, stamp))["feature.bin"][1]
     if size != num_rows * dim * 4:
         raise _fail(feature_file, None, f"size is {size} bytes but shape.txt says {num_rows} x {dim} float32 "
                                         f"= {num_rows * dim * 4} bytes (truncated or wrong shape.txt)")
@@ -435,10 +435,15 @@ class PRVRCollection:
             features, as returned) in memory so later epochs skip the files; 0 disables it.
             Each process (e.g. each DataLoader worker) has its own.
 
+    Attributes: ``video_ids`` (videos with a caption in this split, sorted), ``cap_ids`` (file
+    order), ``cap_video`` / ``video_caps`` (caption -> video index, video -> caption indices),
+    ``captions``, ``moments`` (empty without a moments file), ``visual_dim``, ``text_dim``,
+    ``teacher_dim`` / ``has_teacher``.
+
     Example:
         >>> data = PRVRCollection(root, "synthetic", "train")
-        >>> data.video(0).shape, data.query(data.video_caps[0][0]).shape
-        ((48, 256), (14, 128))
+        >>> data.video(0).shape                        # (frames <= max_frames, Dv)
+        >>> data.query(data.video_caps[0][0]).shape    # (tokens <= max_tokens, Dq)
     """
 
     def __init__(self, root, collection: str, split: str, visual_feature: str | None = None,
