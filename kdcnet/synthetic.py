@@ -75,8 +75,8 @@ class SyntheticConfig:
     """Every option of the generator (the command line exposes each as ``--name-with-dashes``)."""
 
     videos: int = _opt(900, "total number of videos over the three splits")
-    val_fraction: float = _opt(1 / 6, "fraction of the videos in the val split")
-    test_fraction: float = _opt(1 / 6, "fraction of the videos in the test split")
+    val_fraction: float = _opt(0.167, "fraction of the videos in the val split")
+    test_fraction: float = _opt(0.167, "fraction of the videos in the test split")
     min_frames: int = _opt(32, "fewest frames of a video (before bin-averaging)")
     max_frames: int = _opt(64, "most frames of a video (before bin-averaging)")
     min_captions: int = _opt(2, "fewest captions of a video")
@@ -366,16 +366,24 @@ def default_synthetic_root() -> Path:
 def ensure_default_synthetic() -> tuple[Path, str]:
     """The default collection's ``(root, collection)``, generated (seconds) if it is not there yet.
 
-    A collection counts as present only when its ``SYNTHETIC.json`` marker exists, which is written
-    last inside the temporary folder; a concurrent generator that finishes first wins.
+    A collection counts as present only when its ``SYNTHETIC.json`` marker (written last, inside
+    the temporary folder) records this generator version and the default options; anything else
+    under that name is regenerated. A concurrent generator that finishes first wins.
     """
     root = default_synthetic_root()
-    if not (root / DEFAULT_COLLECTION / MARKER).is_file():
-        stale = root / DEFAULT_COLLECTION
-        if stale.exists():                 # not ours (no marker): move it aside rather than trust it
-            log.warning("%s exists without %s; regenerating it", stale, MARKER)
+    target = root / DEFAULT_COLLECTION
+    want = {"generator_version": SYNTHETIC_VERSION, "seed": 0,
+            "config": asdict(SyntheticConfig(**DEFAULT_OPTIONS))}
+    try:
+        info = json.loads((target / MARKER).read_text())
+        current = all(info.get(k) == v for k, v in want.items())
+    except (OSError, ValueError):
+        current = False
+    if not current:
+        if target.exists():
+            log.warning("%s is incomplete or from other generator settings; regenerating it", target)
         try:
-            make_synthetic(root, DEFAULT_COLLECTION, seed=0, overwrite=stale.exists(), **DEFAULT_OPTIONS)
+            make_synthetic(root, DEFAULT_COLLECTION, seed=0, overwrite=target.exists(), **DEFAULT_OPTIONS)
         except FileExistsError:            # another process generated it meanwhile
             pass
     return root, DEFAULT_COLLECTION

@@ -113,6 +113,12 @@ def test_default_root_and_ensure(tmp_path, monkeypatch):
     marker.unlink()                                   # a folder without its marker is not trusted
     ensure_default_synthetic()
     assert marker.is_file() and len(PRVRCollection(root, "synthetic", "train").video_ids) == 6
+    info = json.loads(marker.read_text())
+    info["config"]["frame_noise"] = 0.123              # made by other generator settings: regenerated
+    marker.write_text(json.dumps(info))
+    ensure_default_synthetic()
+    assert json.loads(marker.read_text())["config"]["frame_noise"] == SyntheticConfig().frame_noise
+    assert [p.name for p in root.iterdir()] == ["synthetic"]
     monkeypatch.delenv("KDC_CACHE_DIR")
     assert default_synthetic_root().parent == default_synthetic_root().home() / ".cache" / "kdcnet"
 
