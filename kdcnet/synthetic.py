@@ -12,7 +12,8 @@ The generative story (all from one seed, see :class:`SyntheticConfig` for the kn
   drawn from ``Beta(ratio_alpha, ratio_beta)`` (length ``round(ratio * n)``, at least one frame),
   placed where it does not overlap earlier moments when there is room, anywhere otherwise. So a
   video is a sequence of segments each showing one event, with background between them (and, when
-  moments cannot fit side by side, segments showing two events at once: their mean latent).
+  moments cannot fit side by side, segments showing several events at once: the sum of their
+  latents over the square root of their number).
   Student frame ``t``: ``A m_t + background * b + frame_noise * e_t`` where ``m_t`` is the
   frame's event latent (0 in background), ``A`` a fixed random map, ``b`` a per-video background
   direction and ``e_t`` an AR(1) noise along time (coefficient ``noise_smoothness``).
@@ -59,7 +60,7 @@ MARKER = "SYNTHETIC.json"
 DEFAULT_OPTIONS: dict = {}     # options of the default collection (SyntheticConfig's defaults)
 
 _FILLER_WORDS = (
-    "a the person someone man woman they he she then and while after before is are was were in on at "
+    "a the person someone man woman they he she then and after before is are was were in on at "
     "with from into out of to up down over near by his her their it this that there again still slowly "
     "quickly now also just both other another some while around behind next first last side front back"
 ).split()
