@@ -146,11 +146,12 @@ def _key_range(m0, maxlen, win, row_ok, HAS_CUTOFF: tl.constexpr, BM: tl.constex
 
 
 @_helper
-def _diag_bins(acc, ds, dbase, RB, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def _diag_bins(acc, ds, d, dbase, RB, G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                NC: tl.constexpr, NBP: tl.constexpr):
     """Add the bias-table gradient of one dS tile to ``acc`` ([NBP] bins for j - i clamped to
-    [-RB, RB]). ``dbase`` is n0 - m0, so tile element (r, c) of one sequence sits on diagonal
-    j - i = dbase + c - r. Entries outside the valid mask must be 0 in ``ds``."""
+    [-RB, RB]). ``d`` holds j - i per element and ``dbase`` is n0 - m0, so tile element (r, c) of
+    one sequence sits on diagonal j - i = dbase + c - r. Entries outside the valid mask must be 0
+    in ``ds``. NC >= the number of inner diagonals (|j - i| < RB) a tile can hold."""
     r = tl.arange(0, NBP)
     dlo = dbase - (BM - 1)
     dhi = dbase + (BN - 1)
@@ -159,22 +160,24 @@ def _diag_bins(acc, ds, dbase, RB, G: tl.constexpr, BM: tl.constexpr, BN: tl.con
     elif dhi <= -RB:  # ... or to the first
         acc += tl.where(r == 0, tl.sum(tl.sum(ds, 1), 0), 0.0)
     else:
-        # Skew: z[row, c] = ds[row, key at diagonal c of the row's sequence], so the column sums
-        # of z are the diagonal sums t[c] for j - i = dbase + c - (BM - 1).
-        rows = tl.arange(0, G * BM)
-        s = rows // BM
-        c = tl.arange(0, NC)
-        col = (rows % BM)[:, None] + c[None, :] - (BM - 1)
-        inside = (col >= 0) & (col < BN)
-        src = s[:, None] * BN + tl.minimum(tl.maximum(col, 0), BN - 1)
-        t = tl.sum(tl.where(inside, tl.gather(ds, src, 1), 0.0), 0)
-        d = dlo + c
-        low = tl.sum(tl.where(d <= -RB, t, 0.0), 0)
-        high = tl.sum(tl.where((d >= RB) & (d > -RB), t, 0.0), 0)  # R = 0: one bin, counted once
-        tc = r - RB - dlo  # diagonal index of inner bin r (j - i = r - RB)
-        inner = (r > 0) & (r < 2 * RB) & (tc >= 0) & (tc < BM + BN - 1)
-        acc += tl.where(inner, tl.gather(t, tl.minimum(tl.maximum(tc, 0), NC - 1), 0), 0.0)
+        low = tl.sum(tl.sum(tl.where(d <= -RB, ds, 0.0), 1), 0)
+        high = tl.sum(tl.sum(tl.where((d >= RB) & (d > -RB), ds, 0.0), 1), 0)  # R = 0: one bin, counted once
         acc += tl.where(r == 0, low, 0.0) + tl.where(r == 2 * RB, high, 0.0)
+        if RB > 0:
+            # Inner diagonals, one bin each. Skew the tile: z[row, c] = ds[row, key on diagonal
+            # dlo + c0 + c of the row's sequence], so the column sums of z are the diagonal sums
+            # t[c]; c0 skips the diagonals below the inner band.
+            c0 = tl.maximum(1 - RB - dlo, 0)
+            rows = tl.arange(0, G * BM)
+            s = rows // BM
+            c = c0 + tl.arange(0, NC)
+            col = (rows % BM)[:, None] + c[None, :] - (BM - 1)
+            inside = (col >= 0) & (col < BN)
+            src = s[:, None] * BN + tl.minimum(tl.maximum(col, 0), BN - 1)
+            t = tl.sum(tl.where(inside, tl.gather(ds, src, 1), 0.0), 0)
+            tc = r - RB - dlo - c0  # entry of t for inner bin r (j - i = r - RB)
+            inner = (r > 0) & (r < 2 * RB) & (tc >= 0) & (tc < NC)
+            acc += tl.where(inner, tl.gather(t, tl.minimum(tl.maximum(tc, 0), NC - 1), 0), 0.0)
     return acc
 
 
@@ -294,7 +297,7 @@ def _window_attn_bwd_q_kernel(
         if NEED_SIGMA:
             dsig += tl.sum(ds * d * d, 1)
         if NEED_BIAS:
-            bias_acc = _diag_bins(bias_acc, ds, n0 - m0, RB, G, BM, BN, NC, NBP)
+            bias_acc = _diag_bins(bias_acc, ds, d, n0 - m0, RB, G, BM, BN, NC, NBP)
         if COUNT_VISITS:
             visits += 1
 
@@ -383,7 +386,7 @@ def _window_attn_bwd_kv_kernel(
                 dsig = tl.sum(ds * d * d, 1) / (sig * sig * sig)
                 tl.store(DSIGMA + stat_rows, tl.where(row_ok, dsig, 0.0).to(DSIGMA.dtype.element_ty), mask=row_in)
             if NEED_BIAS:
-                bias_acc = _diag_bins(bias_acc, ds, n0 - m0, RB, G, BM, BN, NC, NBP)
+                bias_acc = _diag_bins(bias_acc, ds, d, n0 - m0, RB, G, BM, BN, NC, NBP)
         if COUNT_VISITS:
             visits += 1
 
@@ -550,8 +553,8 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
             B, H, L, D, R, RB, scale, scale * math.log2(math.e), cutoff or 0.0]
     meta = dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
                 HAS_LENGTHS=lengths is not None, NEED_BIAS=need_bias, NEED_SIGMA=need_sigma,
-                G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NC=triton.next_power_of_2(t.BM + t.BN - 1),
-                NBP=NBP, DOT_FP32=_config.triton_interpret())
+                G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_config.triton_interpret(),
+                NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))))
     inputs = [q, k, v, _or(rel_bias, q), _or(sigma, q), _or(lengths, q), out, dout, lse]
     grid_kv = (triton.cdiv(L, t.BN), groups)
     if fused:
