@@ -178,17 +178,20 @@ def test_cutoff_skips_key_blocks_and_scales_linearly(device, monkeypatch):
 
 
 def test_short_sequences_are_packed():
-    """L <= 64: several sequences per program (L = 32 fills a 128-row tile with 4 of them), and
-    the backward owns whole sequences (fused, no atomics) up to L = 128."""
+    """L <= 64: several whole sequences per program (L = 32: two in a 64 x 64 tile, not one in a
+    128-row tile), and the backward owns whole sequences (one fused kernel, no atomics) up to
+    L = 128 at D = 64."""
     t = wa_triton._fwd_tiles(256, 32, 64)
-    assert (t.G, t.BM, t.BN) == (4, 32, 32)
-    assert wa_triton._fwd_tiles(256, 8, 64).G * 8 == 128
-    fused, tb = wa_triton._bwd_tiles(256, 32, 64)
-    assert fused and tb.G == 4 and tb.BN == 32
+    assert (t.G, t.BM, t.BN) == (2, 32, 32)
+    assert wa_triton._fwd_tiles(256, 8, 64).G == 2 and wa_triton._fwd_tiles(256, 1, 64).G == 16
+    fused, _, tb = wa_triton._bwd_tiles(256, 32, 64)
+    assert fused and tb.G == 2 and tb.BN == 32
     assert wa_triton._bwd_tiles(256, 128, 64)[0] and not wa_triton._bwd_tiles(256, 129, 64)[0]
-    for B, L in ((1, 1), (3, 5), (256, 1), (2, 33)):  # every tile keeps >= 16 rows for tl.dot
-        t = wa_triton._fwd_tiles(B, L, 16)
-        assert t.G * t.BM >= 16 and t.G * t.BN >= 16
+    for B, L, D in ((1, 1, 16), (3, 5, 16), (256, 1, 64), (2, 33, 128), (2, 4000, 64)):
+        t = wa_triton._fwd_tiles(B, L, D)
+        fused, tq, tkv = wa_triton._bwd_tiles(B, L, D)
+        for tiles in (t, tq, tkv):  # every tile keeps >= 16 rows and columns for tl.dot
+            assert tiles.G * tiles.BM >= 16 and tiles.G * tiles.BN >= 16, (B, L, D, tiles)
 
 
 @pytest.mark.parametrize("device,dtype", TARGETS)

@@ -16,18 +16,18 @@ How the work is laid out:
 
 * A tile holds ``G`` sequences (batch rows of one head) x ``BM`` query positions against ``G`` x
   ``BN`` key positions, with a block-diagonal mask between sequences. Short sequences (L <= 64)
-  are packed, e.g. 4 sequences of L = 32 in one 128-row tile; long ones use ``G = 1`` and
-  FlashAttention-style query/key blocks.
+  are packed whole, e.g. 2 sequences of L = 32 in one 64 x 64 tile (not one in a 128-row tile);
+  long ones use ``G = 1`` and FlashAttention-style query/key blocks.
 * Softmax is online, in fp32, in log2 units; the forward saves the log-sum-exp (0 for padded
   rows, so it stays finite) and the backward recomputes P from it. No ``[B, H, L, L]`` tensor.
 * With ``cutoff``, a tile only visits key blocks that intersect
   ``[i - cutoff * max(sigma), i + cutoff * max(sigma)]`` over its valid rows: cost O(L * window).
   Blocks past the longest sequence of a tile are never visited either.
-* Backward for L <= 128 is one kernel per group of whole sequences (the key block is the whole
-  sequence, so dq, d sigma and the bias partials of every query block are complete in the program
-  that computes them: no atomics). Longer sequences use two kernels: ``_bwd_q`` (dq, d sigma,
-  Delta, bias partials; one program per query block) then ``_bwd_kv`` (dk, dv; one program per
-  key block, same window skipping).
+* Backward for L <= 64 (L <= 128 when D <= 64) is one kernel per group of whole sequences (the
+  key block is the whole sequence, so dq, d sigma and the bias partials of every query block are
+  complete in the program that computes them: no atomics). Longer sequences use two kernels:
+  ``_bwd_q`` (Delta, dq, d sigma, bias partials; one program per query block) then ``_bwd_kv``
+  (dk, dv; one program per key block, skipping query blocks beyond cutoff * max(sigma)).
 * d rel_bias: each tile of dS is reduced along its diagonals on chip (a gather that skews the
   tile, then a column sum), the diagonal sums are binned into the ``2R+1`` table columns in
   registers, and each program writes one row of a ``[programs, bins]`` partial buffer. A small
@@ -71,27 +71,37 @@ _helper = (lambda fn: fn) if _config.triton_interpret() else triton.jit
 
 
 @_helper
-def _seq_rows(start, B, L, b0, LENGTHS, HAS_LENGTHS: tl.constexpr, G: tl.constexpr, BLK: tl.constexpr):
-    """Rows of a packed tile: G sequences (batch rows b0 .. b0+G-1) x BLK positions from start.
-    Returns (sequence slot, position, batch row, valid length of that row's sequence)."""
-    r = tl.arange(0, G * BLK)
-    s = r // BLK
-    pos = start + r % BLK
-    b = b0 + s
-    if HAS_LENGTHS:
-        n = tl.load(LENGTHS + b, mask=b < B, other=0).to(tl.int32)
-    else:
-        n = tl.where(b < B, L, 0)
-    return s, pos, b, n
+def _group(B, G: tl.constexpr):
+    """(group id, head, first batch row) of this program's G sequences (grid axis 1)."""
+    gid = tl.program_id(1)
+    nbg = tl.cdiv(B, G)
+    return gid, gid // nbg, (gid % nbg) * G
 
 
 @_helper
-def _row_offsets(b, h, pos, s_b, s_h, s_l):
+def _slots(start, b0, G: tl.constexpr, BLK: tl.constexpr):
+    """Rows of a packed tile: G sequences x BLK positions from ``start``.
+    Returns (sequence slot, position, batch row) per row."""
+    r = tl.arange(0, G * BLK)
+    s = r // BLK
+    return s, start + r % BLK, b0 + s
+
+
+@_helper
+def _lengths(b, B, L, LENGTHS, HAS_LENGTHS: tl.constexpr):
+    """Valid length of each row's sequence (0 for batch rows past B)."""
+    if HAS_LENGTHS:
+        return tl.load(LENGTHS + b, mask=b < B, other=0).to(tl.int32)
+    return tl.where(b < B, L, 0)
+
+
+@_helper
+def _offsets(b, h, pos, s_b, s_h, s_l):
     return b.to(tl.int64) * s_b + h.to(tl.int64) * s_h + pos.to(tl.int64) * s_l
 
 
 @_helper
-def _load_tile(X, rows, ok, dd, s_d, D, DOT_FP32: tl.constexpr):
+def _load_rows(X, rows, ok, dd, s_d, D, DOT_FP32: tl.constexpr):
     x = tl.load(X + rows[:, None] + dd[None, :] * s_d, mask=ok[:, None] & (dd[None, :] < D), other=0.0)
     if DOT_FP32:
         x = x.to(tl.float32)
@@ -99,27 +109,51 @@ def _load_tile(X, rows, ok, dd, s_d, D, DOT_FP32: tl.constexpr):
 
 
 @_helper
-def _row_sigma(SIGMA, b, h, i, ok, ss_b, ss_h, ss_l, cutoff, HAS_SIGMA: tl.constexpr):
-    """Per query row: sigma (fp32), the Gaussian coefficient log2(e) / (2 sigma^2) and the cutoff
-    half-width cutoff * sigma (rows outside the tensor read sigma = 1)."""
-    if HAS_SIGMA:
-        sig = tl.load(SIGMA + _row_offsets(b, h, i, ss_b, ss_h, ss_l), mask=ok, other=1.0).to(tl.float32)
-    else:
-        sig = tl.full(i.shape, 1.0, tl.float32)
-    return sig, 0.5 / (sig * sig) * LOG2E, cutoff * sig
+def _store_rows(X, rows, ok, dd, D, value):
+    """Store ``value`` into a contiguous [.., D] tensor (the launchers' outputs and gradients)."""
+    tl.store(X + rows[:, None] + dd[None, :], value.to(X.dtype.element_ty), mask=ok[:, None] & (dd[None, :] < D))
 
 
 @_helper
-def _logits(qk, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+def _query_tile(Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, ss_b, ss_h, ss_l, cutoff, dd,
+                HAS_SIGMA: tl.constexpr, HAS_LENGTHS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr,
+                DOT_FP32: tl.constexpr):
+    """Query rows of a tile: slots, positions, batch rows, lengths, which rows exist (row_in) and
+    are valid (row_ok), q, and per row sigma (fp32), the Gaussian coefficient log2(e) / (2 sigma^2)
+    and the cutoff half-width cutoff * sigma."""
+    s_i, i, b_i = _slots(m0, b0, G, BM)
+    n_i = _lengths(b_i, B, L, LENGTHS, HAS_LENGTHS)
+    row_in = (i < L) & (b_i < B)
+    q = _load_rows(Q, _offsets(b_i, h, i, sq_b, sq_h, sq_l), row_in, dd, sq_d, D, DOT_FP32)
+    if HAS_SIGMA:
+        sig = tl.load(SIGMA + _offsets(b_i, h, i, ss_b, ss_h, ss_l), mask=row_in, other=1.0).to(tl.float32)
+    else:
+        sig = tl.full([G * BM], 1.0, tl.float32)
+    return s_i, i, b_i, n_i, row_in, i < n_i, q, sig, 0.5 / (sig * sig) * LOG2E, cutoff * sig
+
+
+@_helper
+def _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, dd,
+              G: tl.constexpr, BN: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Key columns of a tile: slots, positions, batch rows, which exist, k and v."""
+    s_j, j, b_j = _slots(n0, b0, G, BN)
+    col_in = (j < L) & (b_j < B)
+    k = _load_rows(K, _offsets(b_j, h, j, sk_b, sk_h, sk_l), col_in, dd, sk_d, D, DOT_FP32)
+    v = _load_rows(V, _offsets(b_j, h, j, sv_b, sv_h, sv_l), col_in, dd, sv_d, D, DOT_FP32)
+    return s_j, j, b_j, col_in, k, v
+
+
+@_helper
+def _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
             HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, G: tl.constexpr):
-    """Logits of a tile in log2 units (qk is already scale * log2(e) * <q, k>), -inf where the key
-    is excluded (other sequence, padding, cutoff). Also returns j - i (fp32: positions are exact,
-    and float index math is as cheap as int32 on the GPU and much cheaper in the interpreter)."""
+    """Logits of a tile in log2 units, -inf where the key is excluded (other sequence, padding,
+    cutoff), and j - i (fp32: positions are exact, and float index math is as cheap as int32 on
+    the GPU and much cheaper in the interpreter)."""
+    x = tl.dot(q, tl.trans(k)) * qk_scale
     d = j.to(tl.float32)[None, :] - i.to(tl.float32)[:, None]
     ok = (i[:, None] < n_i[:, None]) & (j[None, :] < n_i[:, None])
     if G > 1:
         ok = ok & (s_i[:, None] == s_j[None, :])
-    x = qk
     if HAS_BIAS:
         col = (tl.minimum(tl.maximum(d, -R), R) + R).to(tl.int32)  # always inside the table
         x += tl.load(BIAS + h * sb_h + col * sb_r).to(tl.float32) * LOG2E
@@ -132,17 +166,24 @@ def _logits(qk, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
 
 
 @_helper
-def _key_range(m0, maxlen, win, row_ok, HAS_CUTOFF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """Key blocks [lo, hi) (step BN) a query tile at rows m0 .. m0+BM-1 can see: within the cutoff
-    window of its widest valid row and below the longest sequence; empty without a valid row."""
-    lo = m0 * 0
+def _softmax_grad(x, lse, do, v, delta):
+    """P = exp2(x - lse) (0 where masked) and dS = P * (dO V^T - Delta), both fp32."""
+    p = tl.exp2(x - lse[:, None])
+    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+
+
+@_helper
+def _window(start, maxlen, win, ok, HAS_CUTOFF: tl.constexpr, BLK: tl.constexpr, STEP: tl.constexpr):
+    """Blocks [lo, hi) (step STEP) that rows start .. start+BLK-1 can reach: within the widest
+    cutoff window ``win`` among the rows marked ``ok`` and below ``maxlen``; empty if none is ok."""
+    lo = start * 0
     hi = maxlen
     if HAS_CUTOFF:
-        wmax = tl.max(tl.where(row_ok, win, 0.0), 0)
-        lo = tl.maximum(m0 - wmax - 1.0, 0.0).to(tl.int32)
-        hi = tl.minimum(m0 + BM + wmax + 1.0, maxlen.to(tl.float32)).to(tl.int32)
-    any_row = tl.max(row_ok.to(tl.int32), 0)
-    return (lo // BN) * BN * any_row, hi * any_row
+        wmax = tl.max(tl.where(ok, win, 0.0), 0)
+        lo = tl.maximum(start - wmax - 1.0, 0.0).to(tl.int32)
+        hi = tl.minimum(start + BLK + wmax + 1.0, maxlen.to(tl.float32)).to(tl.int32)
+    any_ok = tl.max(ok.to(tl.int32), 0)
+    return (lo // STEP) * STEP * any_ok, hi * any_ok
 
 
 @_helper
@@ -184,42 +225,30 @@ def _diag_bins(acc, ds, d, dbase, RB, G: tl.constexpr, BM: tl.constexpr, BN: tl.
 @triton.jit
 def _window_attn_fwd_kernel(
     Q, K, V, BIAS, SIGMA, LENGTHS, OUT, LSE, VISITS,
-    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-    so_b, so_h, so_l, so_d, sb_h, sb_r, ss_b, ss_h, ss_l,
+    sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, sb_h, sb_r, ss_b, ss_h, ss_l,
     B, H, L, D, R, qk_scale, cutoff,
     HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
+    """One query block of G sequences: out and the log-sum-exp (log2 units)."""
     pid_m = tl.program_id(0)
-    gid = tl.program_id(1)
-    nbg = tl.cdiv(B, G)
-    h = gid // nbg
-    b0 = (gid % nbg) * G
+    gid, h, b0 = _group(B, G)
     m0 = pid_m * BM
     dd = tl.arange(0, BLOCK_D)
-
-    s_i, i, b_i, n_i = _seq_rows(m0, B, L, b0, LENGTHS, HAS_LENGTHS, G, BM)
-    row_in = (i < L) & (b_i < B)
-    row_ok = i < n_i
-    q = _load_tile(Q, _row_offsets(b_i, h, i, sq_b, sq_h, sq_l), row_in, dd, sq_d, D, DOT_FP32)
-    sig, coef, win = _row_sigma(SIGMA, b_i, h, i, row_in, ss_b, ss_h, ss_l, cutoff, HAS_SIGMA)
-    lo, hi = _key_range(m0, tl.max(n_i, 0), win, row_ok, HAS_CUTOFF, BM, BN)
+    s_i, i, b_i, n_i, row_in, row_ok, q, sig, coef, win = _query_tile(
+        Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, ss_b, ss_h, ss_l, cutoff, dd,
+        HAS_SIGMA, HAS_LENGTHS, G, BM, DOT_FP32)
+    lo, hi = _window(m0, tl.max(n_i, 0), win, row_ok, HAS_CUTOFF, BM, BN)
 
     m_run = tl.full([G * BM], float("-inf"), tl.float32)
     l_run = tl.zeros([G * BM], tl.float32)
     acc = tl.zeros([G * BM, BLOCK_D], tl.float32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        c = tl.arange(0, G * BN)
-        s_j = c // BN
-        j = n0 + c % BN
-        b_j = b0 + s_j
-        col_in = (j < L) & (b_j < B)
-        k = _load_tile(K, _row_offsets(b_j, h, j, sk_b, sk_h, sk_l), col_in, dd, sk_d, D, DOT_FP32)
-        v = _load_tile(V, _row_offsets(b_j, h, j, sv_b, sv_h, sv_l), col_in, dd, sv_d, D, DOT_FP32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        x, _ = _logits(qk, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+        s_j, j, b_j, col_in, k, v = _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                              sv_b, sv_h, sv_l, sv_d, dd, G, BN, DOT_FP32)
+        x, _ = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
                        HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G)
         m_new = tl.maximum(m_run, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
@@ -232,12 +261,9 @@ def _window_attn_fwd_kernel(
             visits += 1
 
     l_safe = tl.where(l_run > 0.0, l_run, 1.0)
-    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
-    o_rows = _row_offsets(b_i, h, i, so_b, so_h, so_l)
-    tl.store(OUT + o_rows[:, None] + dd[None, :] * so_d, out.to(OUT.dtype.element_ty),
-             mask=row_in[:, None] & (dd[None, :] < D))
-    lse = tl.where(row_ok, m_run + tl.log2(l_safe), 0.0)
-    tl.store(LSE + _row_offsets(b_i, h, i, H * L, L, 1), lse, mask=row_in)
+    _store_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
+                tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0))
+    tl.store(LSE + _offsets(b_i, h, i, H * L, L, 1), tl.where(row_ok, m_run + tl.log2(l_safe), 0.0), mask=row_in)
     if COUNT_VISITS:
         tl.store(VISITS + gid * tl.num_programs(0) + pid_m, visits)
 
@@ -246,53 +272,39 @@ def _window_attn_fwd_kernel(
 def _window_attn_bwd_q_kernel(
     Q, K, V, BIAS, SIGMA, LENGTHS, OUT, DOUT, LSE, DELTA, DQ, DSIGMA, DBIAS_PART, VISITS,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-    so_b, so_h, so_l, so_d, sdo_b, sdo_h, sdo_l, sdo_d, sb_h, sb_r, ss_b, ss_h, ss_l,
+    sdo_b, sdo_h, sdo_l, sdo_d, sb_h, sb_r, ss_b, ss_h, ss_l,
     B, H, L, D, R, RB, scale, qk_scale, cutoff,
     HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     NEED_BIAS: tl.constexpr, NEED_SIGMA: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
     NBP: tl.constexpr, DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
-    """One query block: Delta, dq, d sigma and this program's bias partials (long sequences)."""
+    """One query block (long sequences): Delta, dq, d sigma and this program's bias partials."""
     pid_m = tl.program_id(0)
-    gid = tl.program_id(1)
-    nbg = tl.cdiv(B, G)
-    h = gid // nbg
-    b0 = (gid % nbg) * G
+    gid, h, b0 = _group(B, G)
     m0 = pid_m * BM
     dd = tl.arange(0, BLOCK_D)
-
-    s_i, i, b_i, n_i = _seq_rows(m0, B, L, b0, LENGTHS, HAS_LENGTHS, G, BM)
-    row_in = (i < L) & (b_i < B)
-    row_ok = i < n_i
-    q = _load_tile(Q, _row_offsets(b_i, h, i, sq_b, sq_h, sq_l), row_in, dd, sq_d, D, DOT_FP32)
-    do = _load_tile(DOUT, _row_offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
-    o = _load_tile(OUT, _row_offsets(b_i, h, i, so_b, so_h, so_l), row_ok, dd, so_d, D, DOT_FP32)
+    s_i, i, b_i, n_i, row_in, row_ok, q, sig, coef, win = _query_tile(
+        Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, ss_b, ss_h, ss_l, cutoff, dd,
+        HAS_SIGMA, HAS_LENGTHS, G, BM, DOT_FP32)
+    do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
+    o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, 1, D, DOT_FP32)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    stat_rows = _row_offsets(b_i, h, i, H * L, L, 1)
+    stat_rows = _offsets(b_i, h, i, H * L, L, 1)
     tl.store(DELTA + stat_rows, delta, mask=row_in)
     lse = tl.load(LSE + stat_rows, mask=row_in, other=0.0)
-    sig, coef, win = _row_sigma(SIGMA, b_i, h, i, row_in, ss_b, ss_h, ss_l, cutoff, HAS_SIGMA)
-    lo, hi = _key_range(m0, tl.max(n_i, 0), win, row_ok, HAS_CUTOFF, BM, BN)
+    lo, hi = _window(m0, tl.max(n_i, 0), win, row_ok, HAS_CUTOFF, BM, BN)
 
     dq = tl.zeros([G * BM, BLOCK_D], tl.float32)
     dsig = tl.zeros([G * BM], tl.float32)
     bias_acc = tl.zeros([NBP], tl.float32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        c = tl.arange(0, G * BN)
-        s_j = c // BN
-        j = n0 + c % BN
-        b_j = b0 + s_j
-        col_in = (j < L) & (b_j < B)
-        k = _load_tile(K, _row_offsets(b_j, h, j, sk_b, sk_h, sk_l), col_in, dd, sk_d, D, DOT_FP32)
-        v = _load_tile(V, _row_offsets(b_j, h, j, sv_b, sv_h, sv_l), col_in, dd, sv_d, D, DOT_FP32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        x, d = _logits(qk, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+        s_j, j, b_j, col_in, k, v = _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                              sv_b, sv_h, sv_l, sv_d, dd, G, BN, DOT_FP32)
+        x, d = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
                        HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G)
-        p = tl.exp2(x - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
+        p, ds = _softmax_grad(x, lse, do, v, delta)
         dq += tl.dot(ds.to(k.dtype), k)
         if NEED_SIGMA:
             dsig += tl.sum(ds * d * d, 1)
@@ -301,16 +313,14 @@ def _window_attn_bwd_q_kernel(
         if COUNT_VISITS:
             visits += 1
 
-    q_rows = _row_offsets(b_i, h, i, H * L * D, L * D, D)  # dq is contiguous
-    tl.store(DQ + q_rows[:, None] + dd[None, :], tl.where(row_ok[:, None], dq * scale, 0.0).to(DQ.dtype.element_ty),
-             mask=row_in[:, None] & (dd[None, :] < D))
+    _store_rows(DQ, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
+                tl.where(row_ok[:, None], dq * scale, 0.0))
     if NEED_SIGMA:
         tl.store(DSIGMA + stat_rows, tl.where(row_ok, dsig / (sig * sig * sig), 0.0).to(DSIGMA.dtype.element_ty),
                  mask=row_in)
     pid = gid * tl.num_programs(0) + pid_m
     if NEED_BIAS:
-        r = tl.arange(0, NBP)
-        tl.store(DBIAS_PART + pid.to(tl.int64) * NBP + r, bias_acc)
+        tl.store(DBIAS_PART + pid.to(tl.int64) * NBP + tl.arange(0, NBP), bias_acc)
     if COUNT_VISITS:
         tl.store(VISITS + pid, visits)
 
@@ -319,7 +329,7 @@ def _window_attn_bwd_q_kernel(
 def _window_attn_bwd_kv_kernel(
     Q, K, V, BIAS, SIGMA, LENGTHS, OUT, DOUT, LSE, DELTA, SIGMA_MAX, DQ, DK, DV, DSIGMA, DBIAS_PART, VISITS,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-    so_b, so_h, so_l, so_d, sdo_b, sdo_h, sdo_l, sdo_d, sb_h, sb_r, ss_b, ss_h, ss_l,
+    sdo_b, sdo_h, sdo_l, sdo_d, sb_h, sb_r, ss_b, ss_h, ss_l,
     B, H, L, D, R, RB, scale, qk_scale, cutoff,
     HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     NEED_BIAS: tl.constexpr, NEED_SIGMA: tl.constexpr, FUSED: tl.constexpr,
@@ -329,59 +339,44 @@ def _window_attn_bwd_kv_kernel(
     """One key block: dk, dv. FUSED (the key block is each whole sequence): also Delta, dq,
     d sigma and the bias partials of every query block, which this program then owns alone."""
     pid_n = tl.program_id(0)
-    gid = tl.program_id(1)
-    nbg = tl.cdiv(B, G)
-    h = gid // nbg
-    b0 = (gid % nbg) * G
+    gid, h, b0 = _group(B, G)
     n0 = pid_n * BN
     dd = tl.arange(0, BLOCK_D)
-
-    s_j, j, b_j, n_j = _seq_rows(n0, B, L, b0, LENGTHS, HAS_LENGTHS, G, BN)
-    col_in = (j < L) & (b_j < B)
-    k = _load_tile(K, _row_offsets(b_j, h, j, sk_b, sk_h, sk_l), col_in, dd, sk_d, D, DOT_FP32)
-    v = _load_tile(V, _row_offsets(b_j, h, j, sv_b, sv_h, sv_l), col_in, dd, sv_d, D, DOT_FP32)
+    s_j, j, b_j, col_in, k, v = _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                          sv_b, sv_h, sv_l, sv_d, dd, G, BN, DOT_FP32)
+    n_j = _lengths(b_j, B, L, LENGTHS, HAS_LENGTHS)
     maxlen = tl.max(n_j, 0)
-    # Query rows that can see this key block: those within cutoff * max(sigma) of it.
-    lo = pid_n * 0
-    hi = maxlen * (n0 < maxlen).to(tl.int32)
+    # Query rows that can see this key block: within cutoff * (widest sigma of the sequence).
     if HAS_CUTOFF and not FUSED:
-        smax = tl.load(SIGMA_MAX + b_j * H + h, mask=b_j < B, other=0.0)
-        wmax = cutoff * tl.max(smax, 0)
-        lo = tl.maximum(n0 - wmax - 1.0, 0.0).to(tl.int32)
-        hi = tl.minimum(n0 + BN + wmax + 1.0, hi.to(tl.float32)).to(tl.int32)
-    lo = (lo // BM) * BM
+        win_j = cutoff * tl.load(SIGMA_MAX + b_j * H + h, mask=b_j < B, other=0.0)
+    else:
+        win_j = tl.zeros([G * BN], tl.float32)
+    lo, hi = _window(n0, maxlen, win_j, j < n_j, HAS_CUTOFF and not FUSED, BN, BM)
 
     dk = tl.zeros([G * BN, BLOCK_D], tl.float32)
     dv = tl.zeros([G * BN, BLOCK_D], tl.float32)
     bias_acc = tl.zeros([NBP], tl.float32)
     visits = pid_n * 0
     for m0 in range(lo, hi, BM):
-        s_i, i, b_i, n_i = _seq_rows(m0, B, L, b0, LENGTHS, HAS_LENGTHS, G, BM)
-        row_in = (i < L) & (b_i < B)
-        row_ok = i < n_i
-        q = _load_tile(Q, _row_offsets(b_i, h, i, sq_b, sq_h, sq_l), row_in, dd, sq_d, D, DOT_FP32)
-        do = _load_tile(DOUT, _row_offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
-        stat_rows = _row_offsets(b_i, h, i, H * L, L, 1)
+        s_i, i, b_i, n_i, row_in, row_ok, q, sig, coef, win = _query_tile(
+            Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, ss_b, ss_h, ss_l, cutoff, dd,
+            HAS_SIGMA, HAS_LENGTHS, G, BM, DOT_FP32)
+        do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
+        stat_rows = _offsets(b_i, h, i, H * L, L, 1)
         lse = tl.load(LSE + stat_rows, mask=row_in, other=0.0)
         if FUSED:
-            o = _load_tile(OUT, _row_offsets(b_i, h, i, so_b, so_h, so_l), row_ok, dd, so_d, D, DOT_FP32)
+            o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, 1, D, DOT_FP32)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         else:
             delta = tl.load(DELTA + stat_rows, mask=row_in, other=0.0)
-        sig, coef, win = _row_sigma(SIGMA, b_i, h, i, row_in, ss_b, ss_h, ss_l, cutoff, HAS_SIGMA)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        x, d = _logits(qk, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+        x, d = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
                        HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G)
-        p = tl.exp2(x - lse[:, None])
+        p, ds = _softmax_grad(x, lse, do, v, delta)
         dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q)
         if FUSED:
-            dq = tl.dot(ds.to(k.dtype), k) * scale
-            q_rows = _row_offsets(b_i, h, i, H * L * D, L * D, D)
-            tl.store(DQ + q_rows[:, None] + dd[None, :], tl.where(row_ok[:, None], dq, 0.0).to(DQ.dtype.element_ty),
-                     mask=row_in[:, None] & (dd[None, :] < D))
+            _store_rows(DQ, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
+                        tl.where(row_ok[:, None], tl.dot(ds.to(k.dtype), k) * scale, 0.0))
             if NEED_SIGMA:
                 dsig = tl.sum(ds * d * d, 1) / (sig * sig * sig)
                 tl.store(DSIGMA + stat_rows, tl.where(row_ok, dsig, 0.0).to(DSIGMA.dtype.element_ty), mask=row_in)
@@ -393,23 +388,20 @@ def _window_attn_bwd_kv_kernel(
     if FUSED:
         # Query blocks past the longest sequence hold padded rows only: zero gradient.
         for m0 in range(tl.cdiv(maxlen, BM) * BM, L, BM):
-            s_i, i, b_i, n_i = _seq_rows(m0, B, L, b0, LENGTHS, HAS_LENGTHS, G, BM)
+            _, i, b_i = _slots(m0, b0, G, BM)
             row_in = (i < L) & (b_i < B)
-            q_rows = _row_offsets(b_i, h, i, H * L * D, L * D, D)
-            tl.store(DQ + q_rows[:, None] + dd[None, :], tl.zeros([G * BM, BLOCK_D], DQ.dtype.element_ty),
-                     mask=row_in[:, None] & (dd[None, :] < D))
+            _store_rows(DQ, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
+                        tl.zeros([G * BM, BLOCK_D], tl.float32))
             if NEED_SIGMA:
-                tl.store(DSIGMA + _row_offsets(b_i, h, i, H * L, L, 1),
+                tl.store(DSIGMA + _offsets(b_i, h, i, H * L, L, 1),
                          tl.zeros([G * BM], DSIGMA.dtype.element_ty), mask=row_in)
 
-    kv_rows = _row_offsets(b_j, h, j, H * L * D, L * D, D)
-    kv_mask = col_in[:, None] & (dd[None, :] < D)
-    tl.store(DK + kv_rows[:, None] + dd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_rows[:, None] + dd[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    kv_rows = _offsets(b_j, h, j, H * L * D, L * D, D)
+    _store_rows(DK, kv_rows, col_in, dd, D, dk * scale)
+    _store_rows(DV, kv_rows, col_in, dd, D, dv)
     pid = gid * tl.num_programs(0) + pid_n
     if FUSED and NEED_BIAS:
-        r = tl.arange(0, NBP)
-        tl.store(DBIAS_PART + pid.to(tl.int64) * NBP + r, bias_acc)
+        tl.store(DBIAS_PART + pid.to(tl.int64) * NBP + tl.arange(0, NBP), bias_acc)
     if COUNT_VISITS:
         tl.store(VISITS + pid, visits)
 
@@ -427,28 +419,37 @@ class _Tiles:
 
 
 def _pack(B: int, LP: int, rows: int) -> int:
-    """Sequences per program so a tile has about ``rows`` rows (and at least the 16 a dot needs)."""
-    g = min(max(1, rows // LP), triton.next_power_of_2(B))
-    return max(g, max(1, 16 // LP))
+    """Sequences per program for short sequences: a tile of about ``rows`` rows, at least the 16
+    a dot needs. Packing G sequences block-diagonally costs G x the elementwise work of one, so on
+    a GPU it stops at the row count the tensor cores and memory transactions want."""
+    return max(1, min(rows // LP, triton.next_power_of_2(B)), 16 // LP)
 
 
-def _fwd_tiles(B: int, L: int, D: int) -> _Tiles:
+# Tile plans (block sizes and warps per regime). On the GPU they are chosen so that the sm_90
+# builds fit in registers (bf16, D = 64: no spills at the PRVR and long-video shapes). The CPU
+# interpreter pays per operation, not per element, so there the tiles are larger (the same code
+# paths: packing, several query blocks per fused program, skipped key blocks).
+def _fwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> _Tiles:
     LP = triton.next_power_of_2(L)
-    if LP <= 64:  # whole sequences, packed: one key block, no wasted 128-row tile
-        return _Tiles(_pack(B, LP, 128), LP, LP, 4)
-    if LP <= 128:  # one sequence, the whole key range in one block
-        return _Tiles(1, 64, LP, 4 if D <= 64 else 8)
-    return _Tiles(1, 128 if D <= 128 else 64, 64, 8 if D >= 64 else 4)
+    if LP <= 64:  # whole sequences, packed: one key block per program
+        return _Tiles(_pack(B, LP, 128 if interpret else min(64, 2 * LP)), LP, LP, 4 if D <= 64 else 8)
+    if LP <= 128 and not interpret:
+        return _Tiles(1, 64, 64, 4 if D <= 64 else 8)
+    return _Tiles(1, 128 if D <= 128 else 64, 64 if D <= 128 else 32, 8)
 
 
-def _bwd_tiles(B: int, L: int, D: int) -> tuple[bool, _Tiles]:
-    """(fused, tiles). Fused: the key block is each whole sequence, so one kernel does it all."""
+def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> tuple[bool, _Tiles, _Tiles]:
+    """(fused, tiles of _bwd_q, tiles of _bwd_kv). Fused: each key block is a whole sequence, so
+    _bwd_kv alone computes every gradient (the _bwd_q tiles are then unused)."""
     LP = triton.next_power_of_2(L)
-    if LP <= 64 or (LP <= 128 and D <= 64):  # dk, dv of a whole L = 128 sequence stay in registers
-        G = _pack(B, LP, 128)
-        BM = min(LP, max(64 // G, 16 // G, 1))
-        return True, _Tiles(G, BM, LP, 4 if G * LP <= 64 else 8, 1)
-    return False, _Tiles(1, 64, 64 if D <= 128 else 32, 4, 2)
+    if LP <= 64 or (LP <= 128 and D <= 64):  # dk, dv of whole sequences stay in registers
+        G = _pack(B, LP, 128 if interpret else min(64, 2 * LP))
+        kv = _Tiles(G, min(LP, max(1, (64 if interpret else 32) // G)), LP, 8, 1)
+        return True, kv, kv
+    if interpret:
+        return False, _Tiles(1, 64, 64), _Tiles(1, 64, 64)
+    wide = D > 64
+    return False, _Tiles(1, 32 if wide else 64, 32, 8, 1), _Tiles(1, 32, 64 if D <= 128 else 32, 8 if wide else 4, 1)
 
 
 def _block_d(D: int) -> int:
@@ -509,7 +510,7 @@ def _common_args(q, k, v, rel_bias, sigma):
 def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Optional[float]):
     """Forward launcher: ``(out [B, H, L, D] in q's dtype, lse [B, H, L] fp32, log2 units)``."""
     B, H, L, D = q.shape
-    t = _fwd_tiles(B, L, D)
+    t = _fwd_tiles(B, L, D, _config.triton_interpret())
     out = _new_empty((B, H, L, D), q.dtype, q.device)
     lse = _new_empty((B, H, L), torch.float32, q.device)
     lengths = lengths.contiguous() if lengths is not None else None
@@ -518,8 +519,7 @@ def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Op
     R, _ = _bias_radius(rel_bias, L)
     qkv_strides, table_strides = _common_args(q, k, v, rel_bias, sigma)
     args = [q, k, v, _or(rel_bias, q), _or(sigma, q), _or(lengths, q), out, lse, _or(visits, q),
-            *qkv_strides, *out.stride(), *table_strides,
-            B, H, L, D, R, scale * math.log2(math.e), cutoff or 0.0]
+            *qkv_strides, *table_strides, B, H, L, D, R, scale * math.log2(math.e), cutoff or 0.0]
     meta = dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
                 HAS_LENGTHS=lengths is not None, G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D),
                 DOT_FP32=_config.triton_interpret(), COUNT_VISITS=visits is not None)
@@ -538,8 +538,9 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
     """Backward launcher: ``(dq, dk, dv, d rel_bias, d sigma)``; the last two are empty tensors
     when not asked for."""
     B, H, L, D = q.shape
-    fused, t = _bwd_tiles(B, L, D)
+    fused, tq, tkv = _bwd_tiles(B, L, D, _config.triton_interpret())
     dev = q.device
+    out = out.contiguous()  # as the forward wrote it
     need_bias = need_bias and rel_bias is not None
     need_sigma = need_sigma and sigma is not None
     dq, dk, dv = (_new_empty((B, H, L, D), q.dtype, dev) for _ in range(3))
@@ -547,33 +548,35 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
     lengths = lengths.contiguous() if lengths is not None else None
     R, RB = _bias_radius(rel_bias, L)
     NBP = triton.next_power_of_2(2 * RB + 1) if need_bias else 1
-    groups = H * triton.cdiv(B, t.G)
     qkv_strides, table_strides = _common_args(q, k, v, rel_bias, sigma)
-    tail = [*qkv_strides, *out.stride(), *dout.stride(), *table_strides,
+    tail = [*qkv_strides, *dout.stride(), *table_strides,
             B, H, L, D, R, RB, scale, scale * math.log2(math.e), cutoff or 0.0]
-    meta = dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
-                HAS_LENGTHS=lengths is not None, NEED_BIAS=need_bias, NEED_SIGMA=need_sigma,
-                G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_config.triton_interpret(),
-                NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))))
     inputs = [q, k, v, _or(rel_bias, q), _or(sigma, q), _or(lengths, q), out, dout, lse]
-    grid_kv = (triton.cdiv(L, t.BN), groups)
+
+    def meta(t: _Tiles, **extra):
+        return dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
+                    HAS_LENGTHS=lengths is not None, NEED_BIAS=need_bias, NEED_SIGMA=need_sigma,
+                    G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_config.triton_interpret(),
+                    NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))), **extra)
+
+    grid_kv = (triton.cdiv(L, tkv.BN), H * triton.cdiv(B, tkv.G))
     if fused:
-        partial = _new_empty((groups, NBP), torch.float32, dev) if need_bias else None
+        partial = _new_empty((grid_kv[0] * grid_kv[1], NBP), torch.float32, dev) if need_bias else None
         visits = _visit_buffer(grid_kv, dev)
         _launch(_window_attn_bwd_kv_kernel, grid_kv,
                 [*inputs, lse, q, dq, dk, dv, _or(dsigma if need_sigma else None, q), _or(partial, q),
                  _or(visits, q), *tail],
-                dict(meta, FUSED=True, COUNT_VISITS=visits is not None), t)
-        _log_visits("bwd_kv", visits, grid_kv[0] * grid_kv[1] * triton.cdiv(L, t.BM))
+                meta(tkv, FUSED=True, COUNT_VISITS=visits is not None), tkv)
+        _log_visits("bwd_kv", visits, grid_kv[0] * grid_kv[1] * triton.cdiv(L, tkv.BM))
     else:
         delta = _new_empty((B, H, L), torch.float32, dev)
-        grid_q = (triton.cdiv(L, t.BM), groups)
-        partial = _new_empty((grid_q[0] * groups, NBP), torch.float32, dev) if need_bias else None
+        grid_q = (triton.cdiv(L, tq.BM), H * triton.cdiv(B, tq.G))
+        partial = _new_empty((grid_q[0] * grid_q[1], NBP), torch.float32, dev) if need_bias else None
         visits = _visit_buffer(grid_q, dev)
         _launch(_window_attn_bwd_q_kernel, grid_q,
                 [*inputs, delta, dq, _or(dsigma if need_sigma else None, q), _or(partial, q), _or(visits, q), *tail],
-                dict(meta, COUNT_VISITS=visits is not None), t)
-        _log_visits("bwd_q", visits, grid_q[0] * grid_q[1] * triton.cdiv(L, t.BN))
+                meta(tq, COUNT_VISITS=visits is not None), tq)
+        _log_visits("bwd_q", visits, grid_q[0] * grid_q[1] * triton.cdiv(L, tq.BN))
         sigma_max = q
         if cutoff is not None:  # widest window of each (b, h) over its valid rows
             sig = sigma.float()
@@ -583,12 +586,13 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         visits = _visit_buffer(grid_kv, dev)
         _launch(_window_attn_bwd_kv_kernel, grid_kv,
                 [*inputs, delta, sigma_max, dq, dk, dv, q, q, _or(visits, q), *tail],
-                dict(meta, FUSED=False, NEED_BIAS=False, NEED_SIGMA=False, COUNT_VISITS=visits is not None), t)
-        _log_visits("bwd_kv", visits, grid_kv[0] * grid_kv[1] * triton.cdiv(L, t.BM))
+                meta(tkv, FUSED=False, COUNT_VISITS=visits is not None) | dict(NEED_BIAS=False, NEED_SIGMA=False), tkv)
+        _log_visits("bwd_kv", visits, grid_kv[0] * grid_kv[1] * triton.cdiv(L, tkv.BM))
     if need_bias:
-        # Second pass: reduce the per-program partials ([H, groups per head, programs, bins]) in
-        # a fixed order, then place the 2 RB + 1 bins into the 2 R + 1 table columns.
-        sums = partial.view(H, groups // H, -1, NBP).sum(dim=(1, 2))
+        # Second pass: reduce the per-program partials ([H, groups of a head, programs, bins],
+        # the order of grid axis 1 and 0) in a fixed order, then place the 2 RB + 1 bins into
+        # the 2 R + 1 table columns.
+        sums = partial.view(H, -1, NBP).sum(dim=1)
         dbias = torch.zeros(rel_bias.shape, dtype=torch.float32, device=dev)
         dbias[:, R - RB:R + RB + 1] = sums[:, :2 * RB + 1]
         dbias = dbias.to(rel_bias.dtype)
