@@ -482,7 +482,8 @@ def _log_visits(kernel: str, visits: Optional[torch.Tensor], dense: int) -> None
 
 
 _TUNE_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 1), (4, 2), (8, 2), (8, 3))]
-_TUNE_KEY = ["L", "D", "G", "BM", "BN", "HAS_BIAS", "HAS_SIGMA", "HAS_CUTOFF"]
+_TUNE_KEY = ["L", "D", "G", "BM", "BN", "HAS_BIAS", "HAS_SIGMA", "HAS_CUTOFF", "HAS_LENGTHS", "FUSED", "NEED_BIAS",
+             "NEED_SIGMA"]
 _TUNED: dict = {}
 
 
