@@ -107,6 +107,15 @@ def test_low_precision_inputs_on_interpreter(dtype):
     _check_against_reference("cpu", dtype, dict(B=3, H=2, L=33, D=16, R=4, cutoff=2.0, table_dtype=dtype))
 
 
+@_interp
+@pytest.mark.parametrize("case", [dict(B=3, H=2, L=33, D=16, R=2, sigma=False),
+                                  dict(B=1, H=1, L=129, D=16, R=32, cutoff=3.0)], ids=["fused", "tiled"])
+def test_native_fp16_dots_on_interpreter(case, monkeypatch):
+    """The GPU's dtype path (fp16 tiles into the dots, P and dS rounded to fp16) on the interpreter."""
+    monkeypatch.setattr(wa_triton, "_NATIVE_DOTS", True)
+    _check_against_reference("cpu", torch.float16, case, seed=5)
+
+
 @pytest.mark.parametrize("device,dtype", TARGETS)
 def test_only_requested_gradients(device, dtype):
     """d sigma / d rel_bias are computed only when asked for; the others still match."""
@@ -202,7 +211,8 @@ def test_deterministic_gradients_are_bitwise_identical(device, dtype, how, monke
     else:
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert _config.deterministic()
-    for case in (dict(B=3, H=2, L=32, D=16, R=4), dict(B=1, H=2, L=129, D=16, R=40)):  # fused, then tiled
+    cases = [dict(B=3, H=2, L=32, D=16, R=4), dict(B=1, H=2, L=129, D=16, R=40)]  # fused, tiled
+    for case in cases if how == "KDC_DETERMINISTIC" else cases[:1]:
         args = _inputs(device, dtype, **case)
         dout = torch.randn_like(args["q"])
         first = _run(args, "triton", dout, cutoff=4.0)

@@ -59,8 +59,11 @@ MAX_HEAD_DIM = 256
 # kernels run, so an element a kernel forgets to write fails the comparison with the reference.
 # _VISIT_LOG: when a list, each launch appends {"kernel", "visited", "total"}: the key (or query)
 # blocks the kernel's programs visited against the number a dense kernel would visit.
+# _NATIVE_DOTS: on the interpreter, feed the dots the inputs' dtype as on a GPU instead of fp32
+# (meaningful for fp16 only: the interpreter's bf16 arithmetic is wrong).
 _POISON_OUTPUTS = False
 _VISIT_LOG: list | None = None
+_NATIVE_DOTS = False
 
 
 # ------------------------------------------------------------------------------------ kernels
@@ -464,6 +467,11 @@ def _bias_radius(rel_bias: Optional[torch.Tensor], L: int) -> tuple[int, int]:
     return R, min(R, L - 1)
 
 
+def _dot_fp32() -> bool:
+    """Convert tiles to fp32 before each dot: on the interpreter (see _NATIVE_DOTS)."""
+    return _config.triton_interpret() and not _NATIVE_DOTS
+
+
 def _new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     x = torch.empty(shape, dtype=dtype, device=device)
     return testing.poison_(x) if _POISON_OUTPUTS else x
@@ -523,7 +531,7 @@ def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Op
             *qkv_strides, *table_strides, B, H, L, D, R, scale * math.log2(math.e), cutoff or 0.0]
     meta = dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
                 HAS_LENGTHS=lengths is not None, G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D),
-                DOT_FP32=_config.triton_interpret(), COUNT_VISITS=visits is not None)
+                DOT_FP32=_dot_fp32(), COUNT_VISITS=visits is not None)
     _launch(_window_attn_fwd_kernel, grid, args, meta, t)
     _log_visits("fwd", visits, grid[0] * grid[1] * triton.cdiv(L, t.BN))
     return out, lse
@@ -557,7 +565,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
     def meta(t: _Tiles, **extra):
         return dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
                     HAS_LENGTHS=lengths is not None, NEED_BIAS=need_bias, NEED_SIGMA=need_sigma,
-                    G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_config.triton_interpret(),
+                    G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_dot_fp32(),
                     NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))), **extra)
 
     grid_kv = (triton.cdiv(L, tkv.BN), H * triton.cdiv(B, tkv.G))
