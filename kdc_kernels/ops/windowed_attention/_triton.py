@@ -75,8 +75,9 @@ _helper = (lambda fn: fn) if _config.triton_interpret() else triton.jit
 
 @_helper
 def _group(B, G: tl.constexpr):
-    """(group id, head, first batch row) of this program's G sequences (grid axis 1)."""
-    gid = tl.program_id(1)
+    """(group id, head, first batch row) of this program's G sequences. Groups are grid axis 0
+    (up to 2^31 - 1 of them; axis 1, the blocks along L, is limited to 65535)."""
+    gid = tl.program_id(0)
     nbg = tl.cdiv(B, G)
     return gid, gid // nbg, (gid % nbg) * G
 
@@ -235,7 +236,7 @@ def _window_attn_fwd_kernel(
     DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     """One query block of G sequences: out and the log-sum-exp (log2 units)."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     gid, h, b0 = _group(B, G)
     m0 = pid_m * BM
     dd = tl.arange(0, BLOCK_D)
@@ -268,7 +269,7 @@ def _window_attn_fwd_kernel(
                 tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0))
     tl.store(LSE + _offsets(b_i, h, i, H * L, L, 1), tl.where(row_ok, m_run + tl.log2(l_safe), 0.0), mask=row_in)
     if COUNT_VISITS:
-        tl.store(VISITS + gid * tl.num_programs(0) + pid_m, visits)
+        tl.store(VISITS + gid * tl.num_programs(1) + pid_m, visits)
 
 
 @triton.jit
@@ -283,7 +284,7 @@ def _window_attn_bwd_q_kernel(
     NBP: tl.constexpr, DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     """One query block (long sequences): Delta, dq, d sigma and this program's bias partials."""
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     gid, h, b0 = _group(B, G)
     m0 = pid_m * BM
     dd = tl.arange(0, BLOCK_D)
@@ -321,7 +322,7 @@ def _window_attn_bwd_q_kernel(
     if NEED_SIGMA:
         tl.store(DSIGMA + stat_rows, tl.where(row_ok, dsig / (sig * sig * sig), 0.0).to(DSIGMA.dtype.element_ty),
                  mask=row_in)
-    pid = gid * tl.num_programs(0) + pid_m
+    pid = gid * tl.num_programs(1) + pid_m
     if NEED_BIAS:
         tl.store(DBIAS_PART + pid.to(tl.int64) * NBP + tl.arange(0, NBP), bias_acc)
     if COUNT_VISITS:
@@ -341,7 +342,7 @@ def _window_attn_bwd_kv_kernel(
 ):
     """One key block: dk, dv. FUSED (the key block is each whole sequence): also Delta, dq,
     d sigma and the bias partials of every query block, which this program then owns alone."""
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(1)
     gid, h, b0 = _group(B, G)
     n0 = pid_n * BN
     dd = tl.arange(0, BLOCK_D)
@@ -402,7 +403,7 @@ def _window_attn_bwd_kv_kernel(
     kv_rows = _offsets(b_j, h, j, H * L * D, L * D, D)
     _store_rows(DK, kv_rows, col_in, dd, D, dk * scale)
     _store_rows(DV, kv_rows, col_in, dd, D, dv)
-    pid = gid * tl.num_programs(0) + pid_n
+    pid = gid * tl.num_programs(1) + pid_n
     if FUSED and NEED_BIAS:
         tl.store(DBIAS_PART + pid.to(tl.int64) * NBP + tl.arange(0, NBP), bias_acc)
     if COUNT_VISITS:
@@ -523,7 +524,7 @@ def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Op
     out = _new_empty((B, H, L, D), q.dtype, q.device)
     lse = _new_empty((B, H, L), torch.float32, q.device)
     lengths = lengths.contiguous() if lengths is not None else None
-    grid = (triton.cdiv(L, t.BM), H * triton.cdiv(B, t.G))
+    grid = (H * triton.cdiv(B, t.G), triton.cdiv(L, t.BM))
     visits = _visit_buffer(grid, q.device)
     R, _ = _bias_radius(rel_bias, L)
     qkv_strides, table_strides = _common_args(q, k, v, rel_bias, sigma)
@@ -568,7 +569,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
                     G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_dot_fp32(),
                     NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))), **extra)
 
-    grid_kv = (triton.cdiv(L, tkv.BN), H * triton.cdiv(B, tkv.G))
+    grid_kv = (H * triton.cdiv(B, tkv.G), triton.cdiv(L, tkv.BN))
     if fused:
         partial = _new_empty((grid_kv[0] * grid_kv[1], NBP), torch.float32, dev) if need_bias else None
         visits = _visit_buffer(grid_kv, dev)
@@ -579,7 +580,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         _log_visits("bwd_kv", visits, grid_kv[0] * grid_kv[1] * triton.cdiv(L, tkv.BM))
     else:
         delta = _new_empty((B, H, L), torch.float32, dev)
-        grid_q = (triton.cdiv(L, tq.BM), H * triton.cdiv(B, tq.G))
+        grid_q = (H * triton.cdiv(B, tq.G), triton.cdiv(L, tq.BM))
         partial = _new_empty((grid_q[0] * grid_q[1], NBP), torch.float32, dev) if need_bias else None
         visits = _visit_buffer(grid_q, dev)
         _launch(_window_attn_bwd_q_kernel, grid_q,
@@ -598,9 +599,9 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
                 meta(tkv, FUSED=False, COUNT_VISITS=visits is not None) | dict(NEED_BIAS=False, NEED_SIGMA=False), tkv)
         _log_visits("bwd_kv", visits, grid_kv[0] * grid_kv[1] * triton.cdiv(L, tkv.BM))
     if need_bias:
-        # Second pass: reduce the per-program partials ([H, groups of a head, programs, bins],
-        # the order of grid axis 1 and 0) in a fixed order, then place the 2 RB + 1 bins into
-        # the 2 R + 1 table columns.
+        # Second pass: reduce the per-program partials (rows ordered group-major, and a group's
+        # head is its index // groups per head, so they view as [H, programs of a head, bins]) in
+        # a fixed order, then place the 2 RB + 1 bins into the 2 R + 1 table columns.
         sums = partial.view(H, -1, NBP).sum(dim=1)
         dbias = torch.zeros(rel_bias.shape, dtype=torch.float32, device=dev)
         dbias[:, R - RB:R + RB + 1] = sums[:, :2 * RB + 1]
