@@ -109,19 +109,10 @@ def _reference_compiled_fn(x, s: Shape):
     return _reference_compiled(x["q"], x["k"], x["v"], x["rel_bias"], x["sigma"], cutoff=s.cutoff)
 
 
-_flex_compiled = None
-_FLEX_COMPILE = True  # tests check the maths with the eager (unfused) FlexAttention
-
-
-def _flex(x, s: Shape):
-    """FlexAttention with the same maths: bias table and sigma captured by score_mod; with a
-    cutoff, a per-call block mask from a mask_mod on sigma (a data-dependent window)."""
-    global _flex_compiled
+def _flex_impl(q, k, v, bias, sigma, R: int, cutoff: float | None):
+    """FlexAttention with the same maths: the bias table and sigma captured by score_mod; with a
+    cutoff, a block mask from a mask_mod on sigma (a data-dependent window), built every call."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False) if _FLEX_COMPILE else flex_attention
-    bias, sigma, R = x["rel_bias"], x["sigma"], s.R
 
     def score_mod(score, b, h, q_idx, kv_idx):
         d = kv_idx - q_idx
@@ -129,16 +120,28 @@ def _flex(x, s: Shape):
         return score + bias[h, torch.clamp(d, -R, R) + R] - (d * d).float() / (2.0 * sig * sig)
 
     block_mask = None
-    if s.cutoff is not None:
-        cutoff = s.cutoff
-        sig_detached = sigma.detach()
+    if cutoff is not None:
+        window = cutoff * sigma.detach()
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx - q_idx).abs() <= cutoff * sig_detached[b, h, q_idx]
+            return (kv_idx - q_idx).abs() <= window[b, h, q_idx]
 
-        block_mask = create_block_mask(mask_mod, s.B, s.H, s.L, s.L, device=x["q"].device,
-                                       _compile=_FLEX_COMPILE)
-    return _flex_compiled(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask)
+        B, H, L, _ = q.shape
+        block_mask = create_block_mask(mask_mod, B, H, L, L, device=q.device)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+_flex_compiled = None
+_FLEX_COMPILE = True  # tests check the maths with the eager (unfused) FlexAttention
+
+
+def _flex(x, s: Shape):
+    global _flex_compiled
+    if _flex_compiled is None:
+        # One compiled region (closures, mask build and attention), so the per-call closures over
+        # new tensors are traced, not guarded on.
+        _flex_compiled = torch.compile(_flex_impl, dynamic=False) if _FLEX_COMPILE else _flex_impl
+    return _flex_compiled(x["q"], x["k"], x["v"], x["rel_bias"], x["sigma"], s.R, s.cutoff)
 
 
 def _dense_bias(x, s: Shape) -> torch.Tensor:
@@ -305,7 +308,8 @@ def main(argv=None) -> Path:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     env = common.environment(device)
     env.update(dtype=str(dtype).replace("torch.", ""), reps=args.reps, quick=args.quick,
-               triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
+               triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
+               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"))
     copy_bw = common.copy_bandwidth_gbs(device)
     env["copy_bandwidth_gbs"] = copy_bw
 
@@ -321,4 +325,7 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
+    # The public op checks lengths/sigma values (a device sync) unless told not to; the
+    # competitors called directly check nothing, and a training loop would skip them too.
+    os.environ.setdefault("KDC_SKIP_VALUE_CHECKS", "1")
     main()
