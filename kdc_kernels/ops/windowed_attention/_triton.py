@@ -267,7 +267,9 @@ def _window_attn_fwd_kernel(
     l_safe = tl.where(l_run > 0.0, l_run, 1.0)
     _store_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
                 tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0))
-    tl.store(LSE + _offsets(b_i, h, i, H * L, L, 1), tl.where(row_ok, m_run + tl.log2(l_safe), 0.0), mask=row_in)
+    # 0 for padded rows (and for a row with no key, which valid inputs never produce): finite.
+    lse = tl.where(row_ok & (l_run > 0.0), m_run + tl.log2(l_safe), 0.0)
+    tl.store(LSE + _offsets(b_i, h, i, H * L, L, 1), lse, mask=row_in)
     if COUNT_VISITS:
         tl.store(VISITS + gid * tl.num_programs(1) + pid_m, visits)
 
