@@ -111,7 +111,7 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float | N
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = time_fn(lambda i: dst.copy_(src), device, warmup=3, reps=20)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    return bandwidth_gbs(2 * nbytes, ms)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], floatfmt: str = ".3g") -> str:
@@ -138,9 +138,15 @@ def write_results(name: str, out_dir: str | os.PathLike, env: dict, rows: list[d
     return md
 
 
+def bandwidth_gbs(nbytes: int, ms: float | None) -> float | None:
+    """Effective bandwidth in GB/s of moving ``nbytes`` in ``ms`` milliseconds."""
+    return None if not ms else nbytes / (ms * 1e-3) / 1e9
+
+
 def bar_plot(path: str | os.PathLike, title: str, labels: Sequence[str], series: dict[str, Sequence[float]],
-             ylabel: str) -> bool:
-    """Grouped bar chart (one group per label, one bar per series). Returns False without matplotlib."""
+             ylabel: str, log_y: bool = False) -> bool:
+    """Grouped bar chart (one group per label, one bar per series; ``log_y`` for values that span
+    orders of magnitude). Returns False without matplotlib."""
     try:
         import matplotlib
 
@@ -157,6 +163,8 @@ def bar_plot(path: str | os.PathLike, title: str, labels: Sequence[str], series:
     ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

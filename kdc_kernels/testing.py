@@ -141,3 +141,22 @@ def compare_low_precision(actual: torch.Tensor, ref_low: torch.Tensor, ref_fp32:
     own = max_abs_err(ref_low, ref_fp32)
     floor = TOLERANCE.get(actual.dtype, 1e-4) if atol is None else atol
     assert_close(actual.float(), ref_fp32.float(), 2 * own + floor, name)
+
+
+def check_fast_path(actual: torch.Tensor, ref_fp32: torch.Tensor, ref_low: torch.Tensor | None = None, *,
+                    dtype: torch.dtype = torch.float32, tf32: bool = False, name: str = "output") -> None:
+    """A fast path's output or gradient against the reference, by the contract's rule.
+
+    ``dtype`` is the precision of the inputs: fp32 -> max abs error <= 1e-4 (1e-3 when the GPU
+    used TF32) against ``ref_fp32``; fp16/bf16 -> :func:`compare_low_precision` with ``ref_low``
+    (the reference run on the same low-precision inputs). The tolerance is scaled by
+    ``max(1, max|ref_fp32|)``: gradients such as d sigma or a bias-table sum are not unit scale.
+    """
+    scale = max(1.0, float(ref_fp32.detach().abs().max())) if ref_fp32.numel() else 1.0
+    if dtype == torch.float32:
+        atol = (TF32_TOLERANCE if tf32 else TOLERANCE[torch.float32]) * scale
+        assert_close(actual.detach().float(), ref_fp32.detach().float(), atol, name)
+    else:
+        if ref_low is None:
+            raise ValueError(f"{name}: a {dtype} comparison needs the reference run in {dtype} (ref_low)")
+        compare_low_precision(actual.detach(), ref_low.detach(), ref_fp32.detach(), name, atol=TOLERANCE[dtype] * scale)
