@@ -13,6 +13,7 @@ Rules (the op contract):
 from __future__ import annotations
 
 import importlib.util
+import sys
 from typing import Callable
 
 import torch
@@ -104,7 +105,16 @@ def impl_module(package: str, impl: str):
     name = f"{package}._{impl}"
     if importlib.util.find_spec(name) is None:
         return None
-    return importlib.import_module(name)
+    _import(name)
+    return sys.modules[name]
+
+
+@torch.compiler.assume_constant_result
+def _import(name: str) -> bool:
+    """Import module ``name``. Runs as plain Python even while ``torch.compile`` traces a call
+    (Dynamo cannot trace an import), so dispatch compiles with ``fullgraph=True``."""
+    importlib.import_module(name)
+    return True
 
 
 def fast_path(op_name: str, package: str, impl: str):

@@ -109,7 +109,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    return float((actual.detach().double() - expected.detach().double()).abs().max()) if actual.numel() else 0.0
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "output") -> None:
@@ -131,3 +131,23 @@ def compare_low_precision(actual: torch.Tensor, ref_low: torch.Tensor, ref_fp32:
     own = max_abs_err(ref_low, ref_fp32)
     floor = TOLERANCE.get(actual.dtype, 1e-4) if atol is None else atol
     assert_close(actual.float(), ref_fp32.float(), 2 * own + floor, name)
+
+
+def assert_topk_equivalent(scores: torch.Tensor, videos: torch.Tensor, full_scores: torch.Tensor, atol: float,
+                           name: str = "top-k") -> None:
+    """``(scores, videos) [Nq, k]`` is a correct top-k of ``full_scores [Nq, Nv]`` up to ``atol``.
+
+    Exact equality of the indices is the right check when both sides compute bit-identical scores;
+    when they differ by rounding (another dtype, another summation order), two videos closer than
+    ``atol`` may swap. This accepts exactly that: the scores match the true k best values, every
+    returned video is distinct and really has (within ``atol``) the score reported for it.
+    """
+    k = scores.shape[1]
+    expected = torch.sort(full_scores.double(), dim=1, descending=True).values[:, :k]
+    assert_close(scores, expected, atol, f"{name} scores")
+    if videos.dtype != torch.int64 or int(videos.min()) < 0 or int(videos.max()) >= full_scores.shape[1]:
+        raise AssertionError(f"{name}: video indices must be int64 in [0, {full_scores.shape[1]}), "
+                             f"got {videos.dtype} in [{int(videos.min())}, {int(videos.max())}]")
+    if (torch.sort(videos, dim=1).values.diff(dim=1) == 0).any():
+        raise AssertionError(f"{name}: a query lists the same video twice")
+    assert_close(full_scores.double().gather(1, videos), scores.double(), atol, f"{name} score of each returned video")
