@@ -391,3 +391,17 @@ def test_auto_picks_triton_on_cuda_and_the_reference_on_cpu(target, monkeypatch)
         score = K.max_similarity(**args)
         assert launched
         testing.assert_close(score, max_similarity_ref(**args), FP32_TOL, "score with KDC_IMPL=triton")
+
+
+def test_size_limits_are_reasons_and_exotic_strides_are_compacted():
+    """Inside a tile the kernels index in int32: inputs whose strides would overflow that are made
+    contiguous first, and sizes no layout can fix are reasons (shape-only: meta tensors)."""
+    q = torch.empty(200, 8, device="meta")
+    assert T.max_similarity_unsupported(q, torch.empty(9, 3, 8, device="meta"), None, True, False) == []
+    reasons = T.max_similarity_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, True, False)
+    assert len(reasons) == 1 and "Nv = 16777217" in reasons[0]
+    assert T.max_similarity_topk_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, 5, True) == []
+    wide = torch.empty_strided((4, 8), (2**30, 1), device="meta")
+    assert T._int32_tiles(wide, (T._TILE_QUERIES, 8)).stride() == (8, 1)
+    fine = torch.empty_strided((4, 8), (1, 4), device="meta")
+    assert T._int32_tiles(fine, (T._TILE_QUERIES, 8)) is fine

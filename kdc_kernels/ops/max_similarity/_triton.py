@@ -483,51 +483,69 @@ def _dot_mode(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     return False, "ieee"  # fp16/bf16 tiles go to the tensor cores as they are
 
 
-def _cfg(**kw) -> triton.Config:
-    warps, stages = kw.pop("num_warps"), kw.pop("num_stages")
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+class _Configs:
+    """The GPU configs of one kernel: autotuned over all, or pinned to the first in deterministic
+    mode (so the reduction order, hence every bit of the result, is the same in every process)."""
+
+    def __init__(self, kernel, configs: list[dict], key: list[str]):
+        self.kernel, self.first = kernel, configs[0]
+        self.tuned = triton.autotune(
+            [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")},
+                           num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in configs],
+            key=key,
+        )(kernel)
 
 
-# Interpreted kernels (CPU tests) get one config with few, large programs; GPU kernels are
-# autotuned, or pinned to the first config in deterministic mode (reproducible reduction order).
+# Interpreted kernels (CPU tests) get one config with few, large programs. GPU configs: every one
+# compiles for sm_90 without register spills; fp32 (IEEE / TF32 dots) needs smaller tiles.
 _FWD_INTERPRET = dict(BLOCK_Q=16, BLOCK_COLS=64, BLOCK_D=32)
-_FWD_CONFIGS = [
-    dict(BLOCK_Q=128, BLOCK_COLS=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    dict(BLOCK_Q=64, BLOCK_COLS=128, BLOCK_D=64, num_warps=4, num_stages=4),
-    dict(BLOCK_Q=128, BLOCK_COLS=256, BLOCK_D=32, num_warps=8, num_stages=3),
-    dict(BLOCK_Q=64, BLOCK_COLS=256, BLOCK_D=64, num_warps=8, num_stages=3),
-]
+_FWD_KEY = ["L_POW2", "D", "NORMALIZE", "WRITE_INDEX", "PRECISION"]
+_FWD = {
+    False: _Configs(_max_sim_fwd_kernel, [
+        dict(BLOCK_Q=128, BLOCK_COLS=128, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_Q=64, BLOCK_COLS=128, BLOCK_D=64, num_warps=4, num_stages=4),
+        dict(BLOCK_Q=128, BLOCK_COLS=256, BLOCK_D=32, num_warps=8, num_stages=3),
+        dict(BLOCK_Q=64, BLOCK_COLS=256, BLOCK_D=64, num_warps=8, num_stages=3),
+    ], _FWD_KEY),
+    True: _Configs(_max_sim_fwd_kernel, [
+        dict(BLOCK_Q=64, BLOCK_COLS=128, BLOCK_D=32, num_warps=8, num_stages=3),
+        dict(BLOCK_Q=128, BLOCK_COLS=64, BLOCK_D=32, num_warps=8, num_stages=3),
+        dict(BLOCK_Q=64, BLOCK_COLS=64, BLOCK_D=32, num_warps=4, num_stages=3),
+    ], _FWD_KEY),
+}
 _DQ_INTERPRET = dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_D=32)
-_DQ_CONFIGS = [
+_DQ = _Configs(_max_sim_bwd_dq_kernel, [
     dict(BLOCK_Q=32, BLOCK_V=4, BLOCK_D=64, num_warps=4, num_stages=3),
     dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_D=64, num_warps=4, num_stages=3),
     dict(BLOCK_Q=32, BLOCK_V=2, BLOCK_D=128, num_warps=4, num_stages=3),
-]
+], ["D", "NORMALIZE"])
 _DC_INTERPRET = dict(BLOCK_ROWS=64, BLOCK_N=16, BLOCK_D=32)
-_DC_CONFIGS = [
-    dict(BLOCK_ROWS=128, BLOCK_N=32, BLOCK_D=64, num_warps=8, num_stages=3),
-    dict(BLOCK_ROWS=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3),
-    dict(BLOCK_ROWS=128, BLOCK_N=64, BLOCK_D=128, num_warps=8, num_stages=3),
-]
+_DC_KEY = ["L_POW2", "D", "NORMALIZE", "PRECISION"]
+_DC = {
+    False: _Configs(_max_sim_bwd_dc_kernel, [
+        dict(BLOCK_ROWS=128, BLOCK_N=32, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_ROWS=64, BLOCK_N=32, BLOCK_D=64, num_warps=4, num_stages=3),
+        dict(BLOCK_ROWS=128, BLOCK_N=16, BLOCK_D=64, num_warps=8, num_stages=3),
+    ], _DC_KEY),
+    True: _Configs(_max_sim_bwd_dc_kernel, [
+        dict(BLOCK_ROWS=128, BLOCK_N=16, BLOCK_D=64, num_warps=8, num_stages=3),
+        dict(BLOCK_ROWS=64, BLOCK_N=32, BLOCK_D=128, num_warps=8, num_stages=3),
+        dict(BLOCK_ROWS=64, BLOCK_N=16, BLOCK_D=64, num_warps=4, num_stages=3),
+    ], _DC_KEY),
+}
 _TOPK_INTERPRET = dict(BLOCK_Q=16, BLOCK_COLS=64, BLOCK_D=32)
 
-_max_sim_fwd_tuned = triton.autotune([_cfg(**c) for c in _FWD_CONFIGS],
-                                     key=["L_POW2", "D", "NORMALIZE", "WRITE_INDEX", "DOT_FP32", "PRECISION"])(_max_sim_fwd_kernel)
-_max_sim_bwd_dq_tuned = triton.autotune([_cfg(**c) for c in _DQ_CONFIGS], key=["D", "NORMALIZE"])(_max_sim_bwd_dq_kernel)
-_max_sim_bwd_dc_tuned = triton.autotune([_cfg(**c) for c in _DC_CONFIGS],
-                                        key=["L_POW2", "D", "NORMALIZE", "SPLIT_W", "PRECISION"])(_max_sim_bwd_dc_kernel)
 
-
-def _launch(kernel, tuned, configs: list[dict], interpret: dict, grid, device: torch.device, *args, **consts) -> None:
-    """Run ``kernel`` on ``grid(meta)``: one config when interpreting or deterministic, else autotuned."""
+def _launch(configs: _Configs, interpret: dict, grid, device: torch.device, *args, **consts) -> None:
+    """Run a kernel on ``grid(meta)``: one config when interpreting or deterministic, else autotuned."""
     if device.type == "cpu":
         meta = dict(interpret)
     elif _config.deterministic():
-        meta = dict(configs[0])
+        meta = dict(configs.first)
     else:
-        tuned[grid](*args, **consts)
+        configs.tuned[grid](*args, **consts)
         return
-    kernel[grid({**consts, **meta})](*args, **consts, **meta)
+    configs.kernel[grid({**consts, **meta})](*args, **consts, **meta)
 
 
 def _pow2(n: int) -> int:
@@ -537,6 +555,32 @@ def _pow2(n: int) -> int:
 def _log2(n: int) -> int:
     """log2 of a power of two."""
     return n.bit_length() - 1
+
+
+# The kernels move a 64-bit base pointer to each tile's first row and index inside the tile in
+# int32 (far fewer registers than 64-bit offsets). A tile spans at most these many rows.
+_TILE_QUERIES = 128
+_INT32_LIMIT = 2**31
+
+
+def _clip_tile(L: int, D: int) -> tuple[int, int, int]:
+    """Most videos, clips and features one tile of clips spans."""
+    return max(8, 256 // min(_pow2(L), 256)), L, D
+
+
+def _tile_span(shape, stride, extents) -> int:
+    """Largest element offset inside a tile spanning at most ``extents[i]`` along dim i."""
+    return sum((min(n, e) - 1) * abs(s) for n, s, e in zip(shape, stride, extents))
+
+
+def _int32_tiles(x: torch.Tensor, extents) -> torch.Tensor:
+    """``x``, or a contiguous copy where its strides would overflow int32 offsets inside a tile."""
+    return x if _tile_span(x.shape, x.stride(), extents) < _INT32_LIMIT else x.contiguous()
+
+
+def _tile_ready(queries: torch.Tensor, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d, (L, _) = queries.shape[1], clips.shape[1:]
+    return _int32_tiles(queries, (_TILE_QUERIES, d)), _int32_tiles(clips, _clip_tile(L, d))
 
 
 def _scores_launch(queries, clips, lengths, qnorm, cnorm, score, index) -> None:
@@ -551,7 +595,7 @@ def _scores_launch(queries, clips, lengths, qnorm, cnorm, score, index) -> None:
         return (triton.cdiv(nq, meta["BLOCK_Q"]) * triton.cdiv(nv, block_v),)
 
     _launch(
-        _max_sim_fwd_kernel, _max_sim_fwd_tuned, _FWD_CONFIGS, _FWD_INTERPRET, grid, queries.device,
+        _FWD[dot_fp32], _FWD_INTERPRET, grid, queries.device,
         queries, clips, queries if lengths is None else lengths, qnorm if normalize else queries,
         cnorm if normalize else queries, score, score if index is None else index,
         nq, nv, L, d, *queries.stride(), *clips.stride(), cnorm.stride(0) if normalize else 0, *score.stride(),
@@ -563,6 +607,7 @@ def _scores_launch(queries, clips, lengths, qnorm, cnorm, score, index) -> None:
 def _max_sim_fwd(queries, clips, lengths, normalize: bool):
     """``(score fp32 [Nq, Nv], index int64 [Nq, Nv])``."""
     device = queries.device
+    queries, clips = _tile_ready(queries, clips)
     qnorm = _norms("query_norms", queries) if normalize else None
     cnorm = _norms("clip_norms", clips) if normalize else None
     score = _new("score", (queries.shape[0], clips.shape[0]), torch.float32, device)
@@ -576,6 +621,8 @@ def _max_sim_bwd(grad, queries, clips, score, index, normalize: bool, need_dq: b
     nq, d = queries.shape
     nv, L, _ = clips.shape
     device = queries.device
+    queries, clips = _tile_ready(queries, clips)
+    grad = _int32_tiles(grad, (_TILE_QUERIES, _TILE_QUERIES))
     qnorm = _norms("query_norms", queries) if normalize else queries
     cnorm = _norms("clip_norms", clips) if normalize else queries
     s_nv = cnorm.stride(0) if normalize else 0
@@ -585,7 +632,7 @@ def _max_sim_bwd(grad, queries, clips, score, index, normalize: bool, need_dq: b
     dc = _new("dc", (nv, L, d), clips.dtype, device) if need_dc else clips.new_empty(0)
     if need_dq:
         _launch(
-            _max_sim_bwd_dq_kernel, _max_sim_bwd_dq_tuned, _DQ_CONFIGS, _DQ_INTERPRET,
+            _DQ, _DQ_INTERPRET,
             lambda meta: (triton.cdiv(nq, meta["BLOCK_Q"]) * triton.cdiv(d, meta["BLOCK_D"]),), device,
             *common, dq, nq, nv, d, *grad.stride(), *score.stride(), *queries.stride(), *clips.stride(), s_nv,
             *dq.stride(), NORMALIZE=normalize,
@@ -598,7 +645,7 @@ def _max_sim_bwd(grad, queries, clips, score, index, normalize: bool, need_dq: b
             return (triton.cdiv(nv, block_v) * triton.cdiv(L, block_l) * triton.cdiv(d, meta["BLOCK_D"]),)
 
         _launch(
-            _max_sim_bwd_dc_kernel, _max_sim_bwd_dc_tuned, _DC_CONFIGS, _DC_INTERPRET, grid, device,
+            _DC[queries.dtype == torch.float32], _DC_INTERPRET, grid, device,
             *common, dc, nq, nv, L, d, *grad.stride(), *score.stride(), *queries.stride(), *clips.stride(), s_nv,
             *dc.stride(), NORMALIZE=normalize, SPLIT_W=queries.dtype != torch.float32, PRECISION=precision,
             L_POW2=_pow2(L),
@@ -637,6 +684,7 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
     nv, L, _ = clips.shape
     device = queries.device
     k_pad = _topk_kpad(k)
+    queries, clips = _tile_ready(queries, clips)
     qnorm = _norms("query_norms", queries) if normalize else None
     cnorm = _norms("clip_norms", clips) if normalize else None
     scores = _new("topk_scores", (nq, k), torch.float32, device)
@@ -747,18 +795,27 @@ max_similarity_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _common_reasons(queries: torch.Tensor) -> list[str]:
+def _common_reasons(queries: torch.Tensor, clips: torch.Tensor) -> list[str]:
+    """Shape/dtype reasons only (the case may live on the meta device)."""
     if queries.dtype not in _DTYPES:
         return [f"the Triton kernels take float32/float16/bfloat16 inputs, got {queries.dtype}"]
-    return []
+    (nv, L, d), reasons = clips.shape, []
+    if _tile_span((nv, L, d), (L * d, d, 1), _clip_tile(L, d)) >= _INT32_LIMIT:
+        reasons.append(f"a tile of clips would span 2^31 elements or more (L = {L}, D = {d})")
+    return reasons
 
 
 def max_similarity_unsupported(queries, clips, lengths, normalize, return_index) -> list[str]:
-    return _common_reasons(queries)
+    reasons = _common_reasons(queries, clips)
+    nv = clips.shape[0]
+    if _tile_span((queries.shape[0], nv), (nv, 1), (_TILE_QUERIES, nv)) >= _INT32_LIMIT:
+        reasons.append(f"an [Nq, Nv] output tile would span 2^31 elements or more (Nv = {nv}); "
+                       "max_similarity_topk streams any number of videos")
+    return reasons
 
 
 def max_similarity_topk_unsupported(queries, clips, lengths, k, normalize) -> list[str]:
-    reasons = _common_reasons(queries)
+    reasons = _common_reasons(queries, clips)
     if k > _TOPK_MAX_K:
         reasons.append(f"the Triton top-k keeps at most k = {_TOPK_MAX_K} per query, got k = {k} "
                        "(impl='reference' has no limit)")
