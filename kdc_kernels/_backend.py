@@ -111,8 +111,8 @@ def impl_module(package: str, impl: str):
 
 @torch.compiler.assume_constant_result
 def _import(name: str) -> bool:
-    """Import module ``name``. Runs as plain Python even while ``torch.compile`` traces a call
-    (Dynamo cannot trace an import), so dispatch compiles with ``fullgraph=True``."""
+    """Import ``name``. torch.compile cannot trace ``importlib.import_module``; marked like this,
+    the import runs eagerly while the caller is traced (fullgraph compile of the ops works)."""
     importlib.import_module(name)
     return True
 

@@ -109,7 +109,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.detach().double() - expected.detach().double()).abs().max()) if actual.numel() else 0.0
+    return float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "output") -> None:
@@ -122,15 +122,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name
     if not err <= atol:
         where = tuple(int(i) for i in torch.nonzero((actual.double() - expected.double()).abs() > atol)[0])
         raise AssertionError(f"{name}: max abs error {err:.3g} > {atol:.3g} (first at {where})")
-
-
-def compare_low_precision(actual: torch.Tensor, ref_low: torch.Tensor, ref_fp32: torch.Tensor,
-                          name: str = "output", atol: float | None = None) -> None:
-    """The contract's rule for fp16/bf16: error against the fp32 reference within 2x the
-    reference's own error in that dtype, plus a small atol."""
-    own = max_abs_err(ref_low, ref_fp32)
-    floor = TOLERANCE.get(actual.dtype, 1e-4) if atol is None else atol
-    assert_close(actual.float(), ref_fp32.float(), 2 * own + floor, name)
 
 
 def assert_topk_equivalent(scores: torch.Tensor, videos: torch.Tensor, full_scores: torch.Tensor, atol: float,
@@ -151,3 +142,31 @@ def assert_topk_equivalent(scores: torch.Tensor, videos: torch.Tensor, full_scor
     if (torch.sort(videos, dim=1).values.diff(dim=1) == 0).any():
         raise AssertionError(f"{name}: a query lists the same video twice")
     assert_close(full_scores.double().gather(1, videos), scores.double(), atol, f"{name} score of each returned video")
+
+
+def compare_low_precision(actual: torch.Tensor, ref_low: torch.Tensor, ref_fp32: torch.Tensor,
+                          name: str = "output", atol: float | None = None) -> None:
+    """The contract's rule for fp16/bf16: error against the fp32 reference within 2x the
+    reference's own error in that dtype, plus a small atol."""
+    own = max_abs_err(ref_low, ref_fp32)
+    floor = TOLERANCE.get(actual.dtype, 1e-4) if atol is None else atol
+    assert_close(actual.float(), ref_fp32.float(), 2 * own + floor, name)
+
+
+def check_fast_path(actual: torch.Tensor, ref_fp32: torch.Tensor, ref_low: torch.Tensor | None = None, *,
+                    dtype: torch.dtype = torch.float32, tf32: bool = False, name: str = "output") -> None:
+    """A fast path's output or gradient against the reference, by the contract's rule.
+
+    ``dtype`` is the precision of the inputs: fp32 -> max abs error <= 1e-4 (1e-3 when the GPU
+    used TF32) against ``ref_fp32``; fp16/bf16 -> :func:`compare_low_precision` with ``ref_low``
+    (the reference run on the same low-precision inputs). The tolerance is scaled by
+    ``max(1, max|ref_fp32|)``: gradients such as d sigma or a bias-table sum are not unit scale.
+    """
+    scale = max(1.0, float(ref_fp32.detach().abs().max())) if ref_fp32.numel() else 1.0
+    if dtype == torch.float32:
+        atol = (TF32_TOLERANCE if tf32 else TOLERANCE[torch.float32]) * scale
+        assert_close(actual.detach().float(), ref_fp32.detach().float(), atol, name)
+    else:
+        if ref_low is None:
+            raise ValueError(f"{name}: a {dtype} comparison needs the reference run in {dtype} (ref_low)")
+        compare_low_precision(actual.detach(), ref_low.detach(), ref_fp32.detach(), name, atol=TOLERANCE[dtype] * scale)
