@@ -657,10 +657,28 @@ def _topk_kpad(k: int) -> int:
     return max(16, _pow2(k))
 
 
+def _topk_partial_config(k_pad: int, l_pow2: int, interpret: bool) -> dict:
+    """Meta-parameters of the fused top-k kernel. Not autotuned: BLOCK_Q sizes the partial buffer."""
+    if interpret:
+        meta = dict(_TOPK_INTERPRET)
+    else:  # the running list and its candidates take 2 * BLOCK_Q * K_PAD int64 registers
+        meta = dict(BLOCK_Q=64 if k_pad <= 32 else 32, BLOCK_COLS=128, BLOCK_D=64,
+                    num_warps=4 if k_pad <= 32 else 8, num_stages=3)
+    # at most K_PAD videos per tile; at least 16 columns for tl.dot
+    meta["BLOCK_COLS"] = max(16, min(meta["BLOCK_COLS"], k_pad * min(l_pow2, meta["BLOCK_COLS"])))
+    return meta
+
+
+def _topk_merge_config(k_pad: int, interpret: bool) -> dict:
+    """Meta-parameters of the merge kernel: ROWS queries x K_PAD keys per program."""
+    rows = max(1, (4096 if interpret else 2048) // k_pad)
+    return dict(ROWS=rows) if interpret else dict(ROWS=rows, num_warps=4 if k_pad <= 256 else 8)
+
+
 def _topk_merge(best, src, scores, videos, n_blocks, n_cols, v_base, k, src_strides, *, from_scores, first, last):
     nq, k_pad = scores.shape[0], _topk_kpad(k)
-    rows = max(1, (4096 if src.device.type == "cpu" else 2048) // k_pad)
-    meta = dict(num_warps=4 if k_pad <= 256 else 8) if src.device.type != "cpu" else {}
+    meta = _topk_merge_config(k_pad, src.device.type == "cpu")
+    rows = meta.pop("ROWS")
     dummy = scores if best is None else best
     _topk_merge_kernel[(triton.cdiv(nq, rows),)](
         dummy, src, scores, videos, nq, n_blocks, n_cols, v_base, k, *src_strides,
@@ -692,14 +710,8 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
     if k_pad <= _TOPK_REGISTER_MAX:
         dot_fp32, precision = _dot_mode(queries.dtype, device)
         l_pow2 = _pow2(L)
-        if device.type == "cpu":
-            meta = dict(_TOPK_INTERPRET)
-        else:  # the running list and its candidates take 2 * BLOCK_Q * K_PAD int64 registers
-            meta = dict(BLOCK_Q=64 if k_pad <= 32 else 32, BLOCK_COLS=128, BLOCK_D=64,
-                        num_warps=4 if k_pad <= 32 else 8, num_stages=3)
+        meta = _topk_partial_config(k_pad, l_pow2, device.type == "cpu")
         block_q = meta.pop("BLOCK_Q")
-        # at most K_PAD videos per tile; at least 16 columns for tl.dot
-        meta["BLOCK_COLS"] = max(16, min(meta["BLOCK_COLS"], k_pad * min(l_pow2, meta["BLOCK_COLS"])))
         n_qb, n_groups = triton.cdiv(nq, block_q), triton.cdiv(nv, k_pad)
         per_split = triton.cdiv(n_groups, _topk_splits(n_qb, n_groups, device))
         splits = triton.cdiv(n_groups, per_split)
