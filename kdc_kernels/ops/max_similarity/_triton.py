@@ -623,6 +623,7 @@ def _max_sim_bwd(grad, queries, clips, score, index, normalize: bool, need_dq: b
     device = queries.device
     queries, clips = _tile_ready(queries, clips)
     grad = _int32_tiles(grad, (_TILE_QUERIES, _TILE_QUERIES))
+    score, index = score.contiguous(), index.contiguous()  # the kernels index both with one stride pair
     qnorm = _norms("query_norms", queries) if normalize else queries
     cnorm = _norms("clip_norms", clips) if normalize else queries
     s_nv = cnorm.stride(0) if normalize else 0
