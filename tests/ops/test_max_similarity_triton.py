@@ -142,6 +142,53 @@ def test_forward_and_gradients_match_reference(target, shape_id, normalize):
     testing.check_fast_path(dc, ref32_dc, ref_dc, dtype=dtype, name="d clips")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_inputs_on_the_interpreter(dtype):
+    """fp16/bf16 loads, the fp32 math and the low-precision stores of dq/dc, and the split-weight
+    path of the clip gradient, under the interpreter (the GPU tests repeat this at larger sizes)."""
+    if not _config.triton_interpret():
+        pytest.skip("interpreter run (the GPU targets cover low precision there)")
+    shape = (17, 9, 20, 33)
+    args, args32 = _inputs(shape, "cpu", dtype, seed=40, requires_grad=True)
+    score, index = K.max_similarity(**args, return_index=True, impl="triton")
+    ref, ref_index = max_similarity_ref(**args, return_index=True)
+    testing.check_fast_path(score, max_similarity_ref(**args32), ref, dtype=dtype, name="score")
+    _check_index(index, ref_index, args, True, dtype)
+    grad = torch.randn(17, 9, generator=testing.make_generator(41))
+    got = _grads(_triton_max_similarity, args, True, grad)
+    assert got[0].dtype == got[1].dtype == dtype
+    want = _grads(max_similarity_ref, args, True, grad) if torch.equal(index, ref_index) else \
+        _grads_at(args, index, True, grad)
+    want32 = _grads(max_similarity_ref, args32, True, grad)
+    for g, w, w32, name in zip(got, want, want32, ("d queries", "d clips")):
+        testing.check_fast_path(g, w32, w, dtype=dtype, name=name)
+    scores, videos = K.max_similarity_topk(**args, k=4, impl="triton")
+    _check_topk(scores, videos, args, 4, True, dtype)
+
+
+def test_tf32_weight_split_is_exact():
+    """The clip gradient's fp16/bf16 path splits fp32 weights into a TF32-exact part and the rest.
+    The interpreter does not round dots to TF32, so the split is checked directly."""
+    if not _config.triton_interpret():
+        pytest.skip("interpreter run")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(w_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        hi, lo = T._tf32_split(tl.load(w_ptr + offs))
+        tl.store(hi_ptr + offs, hi)
+        tl.store(lo_ptr + offs, lo)
+
+    w = torch.randn(256, generator=testing.make_generator(42)) * torch.logspace(-20, 20, 256)
+    w[:3] = torch.tensor([0.0, -0.0, 1.0])
+    hi, lo = torch.empty_like(w), torch.empty_like(w)
+    split_kernel[(1,)](w, hi, lo, N=256)
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all(), "the high part is not exact in TF32"
+    assert torch.equal(hi + lo, w) and (lo.abs() <= w.abs() * 2**-10).all()
+
+
 def test_grads_at_an_argmax_is_the_reference_backward():
     """The fallback above (used where a near-tie went the other way) is the reference's formula."""
     args, _ = _inputs((6, 5, 7, 12), "cpu", torch.float32, seed=30, requires_grad=True)

@@ -221,6 +221,14 @@ def _max_sim_bwd_dq_kernel(
 
 
 @triton.jit
+def _tf32_split(w):
+    """fp32 ``w = hi + lo`` exactly, with ``hi`` exact in TF32 (the low 13 mantissa bits cleared)
+    and ``|lo| <= 2^-10 |w|``."""
+    hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, w - hi
+
+
+@triton.jit
 def _max_sim_bwd_dc_kernel(
     g_ptr, score_ptr, index_ptr, q_ptr, c_ptr, qn_ptr, cn_ptr, dc_ptr,
     Nq, Nv, L, D,
@@ -263,9 +271,9 @@ def _max_sim_bwd_dc_kernel(
         if SPLIT_W:
             # fp16/bf16 queries are exact in TF32; the fp32 weights are split into a TF32-exact high
             # part and the rest, so two TF32 dots give ~fp32-accurate sums on the tensor cores.
-            w_hi = (w.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+            w_hi, w_lo = _tf32_split(w)
             acc = tl.dot(w_hi, qt, acc, input_precision="tf32")
-            acc = tl.dot(w - w_hi, qt, acc, input_precision="tf32")
+            acc = tl.dot(w_lo, qt, acc, input_precision="tf32")
         else:
             acc = tl.dot(w, qt, acc, input_precision=PRECISION)
         nv_ptrs += BLOCK_N * s_on
