@@ -134,6 +134,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name
         raise AssertionError(f"{name}: max abs error {err:.3g} > {atol:.3g} (first at {where})")
 
 
+def assert_topk_equivalent(scores: torch.Tensor, videos: torch.Tensor, full_scores: torch.Tensor, atol: float,
+                           name: str = "top-k") -> None:
+    """``(scores, videos) [Nq, k]`` is a correct top-k of ``full_scores [Nq, Nv]`` up to ``atol``.
+
+    Exact equality of the indices is the right check when both sides compute bit-identical scores;
+    when they differ by rounding (another dtype, another summation order), two videos closer than
+    ``atol`` may swap. This accepts exactly that: the scores match the true k best values, every
+    returned video is distinct and really has (within ``atol``) the score reported for it.
+    """
+    k = scores.shape[1]
+    expected = torch.sort(full_scores.double(), dim=1, descending=True).values[:, :k]
+    assert_close(scores, expected, atol, f"{name} scores")
+    if videos.dtype != torch.int64 or int(videos.min()) < 0 or int(videos.max()) >= full_scores.shape[1]:
+        raise AssertionError(f"{name}: video indices must be int64 in [0, {full_scores.shape[1]}), "
+                             f"got {videos.dtype} in [{int(videos.min())}, {int(videos.max())}]")
+    if (torch.sort(videos, dim=1).values.diff(dim=1) == 0).any():
+        raise AssertionError(f"{name}: a query lists the same video twice")
+    assert_close(full_scores.double().gather(1, videos), scores.double(), atol, f"{name} score of each returned video")
+
+
 def compare_low_precision(actual: torch.Tensor, ref_low: torch.Tensor, ref_fp32: torch.Tensor,
                           name: str = "output", atol: float | None = None) -> None:
     """The contract's rule for fp16/bf16: error against the fp32 reference within 2x the
