@@ -1,4 +1,4 @@
-// Helpers shared by the torch bindings (binding.cpp of each op): input checks with clear
+// Helpers shared by the torch bindings (<op>_binding.cpp of each op): input checks with clear
 // messages, tensor -> launcher descriptors, output allocation, stream and error handling.
 //
 // The schemas of the ops are declared in Python (kdc_kernels/ops/*/_cuda.py, with their fake
