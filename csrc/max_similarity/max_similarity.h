@@ -56,7 +56,10 @@ struct TopkPlan {
   int64_t partial_entries = 0;  // workspace: fp32 scores + int32 videos, each this many
   int64_t running_entries = 0;  // workspace: fp32 scores + int64 videos, each this many (may be 0)
 };
-TopkPlan max_sim_topk_plan(int64_t Nq, int64_t Nv, int64_t k);
+constexpr int kTopkMaxSplitsPerRound = 31;                  // one merge list per lane, plus the running list
+constexpr int64_t kTopkWorkspaceBytes = int64_t(256) << 20;  // bound of the split lists + running list
+TopkPlan max_sim_topk_plan(int64_t Nq, int64_t Nv, int64_t k, int max_splits_per_round = kTopkMaxSplitsPerRound,
+                           int64_t workspace_bytes = kTopkWorkspaceBytes);
 
 struct TopkWorkspace {
   float* partial_scores = nullptr;

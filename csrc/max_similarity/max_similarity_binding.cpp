@@ -8,6 +8,7 @@
 //   kdc::cuda_max_similarity_topk(Tensor queries, Tensor clips, Tensor? lengths, int k,
 //       bool normalize) -> (Tensor scores, Tensor videos)
 // The norms are fp32 [Nq] and [Nv, L] with normalize, empty [0] tensors without.
+#include <cstdlib>
 #include <tuple>
 
 #include "common/binding.h"
@@ -129,7 +130,12 @@ std::tuple<at::Tensor, at::Tensor> max_similarity_topk(const at::Tensor& queries
   MaxSimParams& p = in.params;
   TORCH_CHECK(k >= 1 && k <= p.Nv, "k must lie in [1, Nv] = [1, ", p.Nv, "], got ", k);
   auto norms = new_norms(p, queries);  // scratch: only the kernels read them
-  const TopkPlan plan = max_sim_topk_plan(p.Nq, p.Nv, k);
+  // Test hooks: force several merge rounds and query chunks on small problems.
+  const char* round_splits = std::getenv("KDC_TOPK_ROUND_SPLITS");
+  const char* workspace = std::getenv("KDC_TOPK_WORKSPACE_BYTES");
+  const TopkPlan plan = max_sim_topk_plan(p.Nq, p.Nv, k,
+                                          round_splits != nullptr ? std::atoi(round_splits) : kTopkMaxSplitsPerRound,
+                                          workspace != nullptr ? std::atoll(workspace) : kTopkWorkspaceBytes);
   const auto f32 = queries.options().dtype(at::kFloat);
   at::Tensor part_s = at::empty({plan.partial_entries}, f32);
   at::Tensor part_v = at::empty({plan.partial_entries}, queries.options().dtype(at::kInt));

@@ -8,8 +8,8 @@
 //    bitonic network and writes the best min(k, split) (score, video) pairs: a sorted list.
 // 2. merge: one warp per query merges the running top-k list and up to 31 split lists (one list
 //    head per lane; a shuffle argmax picks the next best) into a new top-k list.
-// Rounds of `splits_per_round` splits repeat 1 and 2; query chunks bound the workspace to about
-// 256 MB whatever Nq, Nv and k.
+// Rounds of `splits_per_round` splits repeat 1 and 2; query chunks bound the workspace
+// (kTopkWorkspaceBytes, 256 MB) whatever Nq, Nv and k.
 #include <climits>
 
 #include "max_similarity/score_tile.cuh"
@@ -17,9 +17,7 @@
 namespace kdc {
 namespace msim {
 
-constexpr int kSplit = 256;             // videos per split (a power of two: the sort size)
-constexpr int kMaxListsPerMerge = 32;   // the running list + up to 31 split lists, one per lane
-constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
+constexpr int kSplit = 256;  // videos per split (a power of two: the sort size)
 
 // NaN ranks as -inf, so that the comparison is a total order.
 __device__ __forceinline__ float rank_key(float s) { return isnan(s) ? -INFINITY : s; }
@@ -242,17 +240,17 @@ cudaError_t launch_topk(const MaxSimParams& p, int64_t k, const TopkPlan& plan, 
 
 }  // namespace msim
 
-TopkPlan max_sim_topk_plan(int64_t Nq, int64_t Nv, int64_t k) {
+TopkPlan max_sim_topk_plan(int64_t Nq, int64_t Nv, int64_t k, int max_splits_per_round, int64_t workspace_bytes) {
   TopkPlan plan;
+  max_splits_per_round = max_splits_per_round < 1 ? 1 : (max_splits_per_round > 31 ? 31 : max_splits_per_round);
   plan.split_videos = msim::kSplit;
   plan.splits = ceil_div<int64_t>(Nv, msim::kSplit);
-  plan.splits_per_round = static_cast<int>(plan.splits < msim::kMaxListsPerMerge - 1 ? plan.splits
-                                                                                      : msim::kMaxListsPerMerge - 1);
+  plan.splits_per_round = static_cast<int>(plan.splits < max_splits_per_round ? plan.splits : max_splits_per_round);
   const int64_t kcap = k < msim::kSplit ? k : msim::kSplit;
   const int64_t rounds = ceil_div<int64_t>(plan.splits, plan.splits_per_round);
   // Bytes per query: split lists (fp32 + int32) and, with several rounds, a running list (fp32 + int64).
   const int64_t per_query = plan.splits_per_round * kcap * 8 + (rounds > 1 ? k * 12 : 0);
-  int64_t chunk = msim::kWorkspaceBytes / (per_query > 0 ? per_query : 1);
+  int64_t chunk = workspace_bytes / (per_query > 0 ? per_query : 1);
   chunk = chunk / msim::BQ * msim::BQ;
   if (chunk < msim::BQ) chunk = msim::BQ;
   if (chunk > int64_t(65535) * msim::BQ) chunk = int64_t(65535) * msim::BQ;  // grid.y limit
