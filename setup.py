@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import setup
@@ -66,43 +65,13 @@ def _cuda_extension():
     _say(f"{message}, TORCH_CUDA_ARCH_LIST={archs or 'visible GPUs'}, MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}")
     info = build.build_info(torch, archs, build.source_root() or None)
 
-    class BuildWithInfo(BuildExtension):
-        """Builds the extension, then writes the build-info file beside the library (in the
-        build folder and, for in-place / editable builds, in the source package as well)."""
-
-        def _info_paths(self):
-            paths = []
-            for ext in self.extensions:
-                built = os.path.join(self.build_lib, self.get_ext_filename(self.get_ext_fullname(ext.name)))
-                package_dir = self.get_finalized_command("build_py").get_package_dir("kdc_kernels")
-                paths.append((os.path.join(os.path.dirname(built), build.BUILD_INFO_NAME),
-                              os.path.join(package_dir, build.BUILD_INFO_NAME)))
-            return paths
-
-        def run(self):
-            super().run()
-            for built, inplace in self._info_paths():
-                build.write_build_info(os.path.dirname(built), info)
-                if self.inplace:
-                    shutil.copyfile(built, inplace)
-                _say(f"wrote {inplace if self.inplace else built}")
-
-        def get_outputs(self):  # in-place builds list the build-folder files and map them (below)
-            return super().get_outputs() + [built for built, _ in self._info_paths()]
-
-        def get_output_mapping(self):
-            mapping = dict(super().get_output_mapping())
-            if self.inplace:
-                mapping.update(dict(self._info_paths()))
-            return mapping
-
     ext = CUDAExtension(
         name=build.EXT_NAME,
         sources=build.sources(ROOT),
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS)},
     )
-    return [ext], {"build_ext": BuildWithInfo.with_options(use_ninja=True)}
+    return [ext], {"build_ext": build.build_ext_with_info(BuildExtension, info).with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _cuda_extension()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 EXT_NAME = "kdc_kernels._C"
@@ -148,3 +149,39 @@ def jit_build_dir(torch_module, archs: str | None, root: Path) -> Path:
     tag = f"kdc_kernels-torch{torch_module.__version__}-cu{torch_module.version.cuda}-sm{archs or 'visible'}"
     tag = "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in tag)
     return Path(base) / f"{tag}-{sources_hash(root)}"
+
+
+def build_ext_with_info(base, info: dict):
+    """``base`` (a setuptools ``build_ext``, e.g. torch's ``BuildExtension``) extended to write
+    ``info`` as the build-info file beside the built library: in the build folder, and for in-place
+    (editable) builds also in the source package, and to list it among the build outputs."""
+
+    class BuildExtWithInfo(base):
+        def _info_paths(self) -> list[tuple[str, str]]:
+            """(file beside the library in the build folder, the same in the source package)."""
+            paths = []
+            for ext in self.extensions:
+                fullname = self.get_ext_fullname(ext.name)
+                built = os.path.join(self.build_lib, self.get_ext_filename(fullname))
+                package_dir = self.get_finalized_command("build_py").get_package_dir(fullname.rpartition(".")[0])
+                paths.append((os.path.join(os.path.dirname(built), BUILD_INFO_NAME),
+                              os.path.join(package_dir, BUILD_INFO_NAME)))
+            return paths
+
+        def run(self):
+            super().run()
+            for built, inplace in self._info_paths():
+                write_build_info(os.path.dirname(built), info)
+                if self.inplace:
+                    shutil.copyfile(built, inplace)
+
+        def get_outputs(self):  # in-place builds list the build-folder files and map them (below)
+            return super().get_outputs() + [built for built, _ in self._info_paths()]
+
+        def get_output_mapping(self):
+            mapping = dict(super().get_output_mapping())
+            if self.inplace:
+                mapping.update(dict(self._info_paths()))
+            return mapping
+
+    return BuildExtWithInfo
