@@ -46,6 +46,31 @@ __device__ __forceinline__ int sequence_length(const int64_t* lengths, int b, in
   return n < 0 ? 0 : (n > L ? L : static_cast<int>(n));
 }
 
+// Which rows of which (b, h) sequence a block owns: blocks are numbered (b * H + h) * nblocks + blk,
+// each owning rows [start, start + rows_per_block) of sequence (b, h) (valid below `len`).
+struct BlockCoords {
+  int64_t bh;
+  int b, h, blk, len, start;
+};
+
+__device__ __forceinline__ BlockCoords block_coords(const WindowAttnFwdParams& f, int rows_per_block) {
+  const int nblocks = ceil_div(f.L, rows_per_block);
+  BlockCoords c;
+  c.bh = blockIdx.x / nblocks;
+  c.blk = static_cast<int>(blockIdx.x % nblocks);
+  c.b = static_cast<int>(c.bh / f.H);
+  c.h = static_cast<int>(c.bh % f.H);
+  c.len = sequence_length(f.lengths, c.b, f.L);
+  c.start = c.blk * rows_per_block;
+  return c;
+}
+
+// The [L, D] slice of sequence (b, h) of a strided [B, H, L, D] tensor.
+template <typename T>
+__device__ __forceinline__ const T* head_slice(const ConstStrided& t, const BlockCoords& c) {
+  return static_cast<const T*>(t.ptr) + c.b * t.stride[0] + c.h * t.stride[1];
+}
+
 // Loads rows [row0, row0 + nrows) (columns [0, D)) of a strided [rows, D] slice into
 // dst[ROWS][DT + 1] as fp32; the other rows and columns of the tile are zero.
 template <typename T, int ROWS, int DT>
@@ -107,6 +132,33 @@ __device__ __forceinline__ float masked_logit(float dot, int i, int j, const Row
   const float dist = static_cast<float>(i - j);
   if (cut && !(fabsf(dist) <= w.thr)) return -INFINITY;  // the reference's test, NaN included
   return scale * dot + bias - dist * dist * w.gauss;
+}
+
+// What the backward needs of query row i of sequence bh: its window, the forward's log-sum-exp and
+// delta = rowsum(dO * O).
+struct BwdRow {
+  RowWindow w;
+  float lse = 0.f, delta = 0.f;
+};
+
+__device__ __forceinline__ BwdRow bwd_row(const WindowAttnBwdParams& p, int64_t bh, int i, bool valid, bool cut) {
+  const WindowAttnFwdParams& f = p.fwd;
+  BwdRow row;
+  row.w = row_window(f.sigma != nullptr ? f.sigma + bh * f.L : nullptr, f.cutoff, cut, i, valid);
+  if (valid) {
+    row.lse = f.lse[bh * f.L + i];
+    row.delta = p.delta[bh * f.L + i];
+  }
+  return row;
+}
+
+// P = exp(logit - LSE) and dS = P (dP - delta) of tile element (i, j), from the recomputed
+// <q_i, k_j> and dP = <dO_i, v_j>; both 0 for excluded keys.
+__device__ __forceinline__ void prob_and_grad(float qk, float dp, int i, int j, const BwdRow& row, int kend, bool cut,
+                                              float scale, float bias, float& prob, float& ds) {
+  const float logit = masked_logit(qk, i, j, row.w, kend, cut, scale, bias);
+  prob = logit == -INFINITY ? 0.f : expf(logit - row.lse);
+  ds = prob * (dp - row.delta);
 }
 
 // max over the rows [i0, i0 + nrows) of floor(min(cutoff * sigma_i, L)) (>= 0): the window

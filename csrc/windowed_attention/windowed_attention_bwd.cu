@@ -42,15 +42,12 @@ template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) window_attn_bwd_prep_kernel(const WindowAttnBwdParams p) {
   __shared__ int scratch[kThreads / 32];
   const WindowAttnFwdParams& f = p.fwd;
-  const int nqb = ceil_div(f.L, BM);
-  const int64_t bh = blockIdx.x / nqb;
-  const int ib = static_cast<int>(blockIdx.x % nqb);
-  const int b = static_cast<int>(bh / f.H), h = static_cast<int>(bh % f.H);
-  const int len = sequence_length(f.lengths, b, f.L);
-  const int i0 = ib * BM;
-  const int nrows = min(BM, len - i0);  // <= 0: a block of padded rows only
+  const BlockCoords bc = block_coords(f, BM);
+  const int64_t bh = bc.bh;
+  const int i0 = bc.start;
+  const int nrows = min(BM, bc.len - i0);  // <= 0: a block of padded rows only
 
-  const T* go = static_cast<const T*>(p.grad_out.ptr) + b * p.grad_out.stride[0] + h * p.grad_out.stride[1];
+  const T* go = head_slice<T>(p.grad_out, bc);
   const T* out = static_cast<const T*>(f.out) + bh * f.L * f.D;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int r = warp; r < BM && i0 + r < f.L; r += kThreads / 32) {
@@ -89,12 +86,9 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
   float* diag_s = bias_s + (BM + BN);
 
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int nqb = ceil_div(f.L, BM);
-  const int64_t bh = blockIdx.x / nqb;
-  const int ib = static_cast<int>(blockIdx.x % nqb);
-  const int b = static_cast<int>(bh / f.H), h = static_cast<int>(bh % f.H);
-  const int len = sequence_length(f.lengths, b, f.L);
-  const int i0 = ib * BM;
+  const BlockCoords bc = block_coords(f, BM);
+  const int64_t bh = bc.bh;
+  const int len = bc.len, i0 = bc.start;
   const int Rp = reach(f.R, f.L);
   float* part = p.bias_partial != nullptr ? p.bias_partial + static_cast<int64_t>(blockIdx.x) * (2 * Rp + 1) : nullptr;
   T* dq_out = static_cast<T*>(p.grad_q) + bh * f.L * f.D;
@@ -114,20 +108,14 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
   const int kmin = cut ? max(0, i0 - W) : 0;
   const int kmax = cut ? min(len, i0 + nrows + W) : len;
 
-  RowWindow rw[C::RM];
-  float lse[C::RM], delta[C::RM];
+  BwdRow rows[C::RM];
 #pragma unroll
-  for (int a = 0; a < C::RM; ++a) {
-    const int r = ty + 16 * a;
-    rw[a] = row_window(sigma_bh, f.cutoff, cut, i0 + r, r < nrows);
-    lse[a] = rw[a].valid ? f.lse[bh * f.L + i0 + r] : 0.f;
-    delta[a] = rw[a].valid ? p.delta[bh * f.L + i0 + r] : 0.f;
-  }
-  const float* bias_h = f.rel_bias != nullptr ? f.rel_bias + static_cast<int64_t>(h) * (2 * f.R + 1) : nullptr;
-  const T* qb = static_cast<const T*>(f.q.ptr) + b * f.q.stride[0] + h * f.q.stride[1];
-  const T* kb = static_cast<const T*>(f.k.ptr) + b * f.k.stride[0] + h * f.k.stride[1];
-  const T* vb = static_cast<const T*>(f.v.ptr) + b * f.v.stride[0] + h * f.v.stride[1];
-  const T* gb = static_cast<const T*>(p.grad_out.ptr) + b * p.grad_out.stride[0] + h * p.grad_out.stride[1];
+  for (int a = 0; a < C::RM; ++a) rows[a] = bwd_row(p, bh, i0 + ty + 16 * a, ty + 16 * a < nrows, cut);
+  const float* bias_h = f.rel_bias != nullptr ? f.rel_bias + static_cast<int64_t>(bc.h) * (2 * f.R + 1) : nullptr;
+  const T* qb = head_slice<T>(f.q, bc);
+  const T* kb = head_slice<T>(f.k, bc);
+  const T* vb = head_slice<T>(f.v, bc);
+  const T* gb = head_slice<T>(p.grad_out, bc);
   load_tile<T, BM, DT>(Qs, qb, f.q.stride[2], f.q.stride[3], i0, nrows, f.D);
   load_tile<T, BM, DT>(dOs, gb, p.grad_out.stride[2], p.grad_out.stride[3], i0, nrows, f.D);
 
@@ -158,9 +146,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
       for (int c = 0; c < C::RN; ++c) {
         const int col = tx + 16 * c;
         const float bias = bias_h != nullptr ? bias_s[col - r + BM - 1] : 0.f;
-        const float logit = masked_logit(s[a][c], i0 + r, j0 + col, rw[a], kmax, cut, f.scale, bias);
-        const float pv = logit == -INFINITY ? 0.f : expf(logit - lse[a]);
-        const float ds = pv * (dp[a][c] - delta[a]);
+        float pv, ds;
+        prob_and_grad(s[a][c], dp[a][c], i0 + r, j0 + col, rows[a], kmax, cut, f.scale, bias, pv, ds);
         dSs[r * C::LDS + col] = ds;
         const float dist = static_cast<float>(r - col + (i0 - j0));
         row_dsig = fmaf(ds, dist * dist, row_dsig);
@@ -209,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
   for (int a = 0; a < C::RM; ++a) {
     const int i = i0 + ty + 16 * a;
     if (i >= f.L) continue;
-    const bool valid = rw[a].valid;
+    const bool valid = rows[a].w.valid;
 #pragma unroll
     for (int d = 0; d < C::RD; ++d) {
       const int col = tx + 16 * d;
@@ -237,12 +224,10 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dkdv_kernel(const Wi
   float* bias_s = dSs + BM * C::LDS;
 
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int nkb = ceil_div(f.L, BN), nqb = ceil_div(f.L, BM);
-  const int64_t bh = blockIdx.x / nkb;
-  const int jb = static_cast<int>(blockIdx.x % nkb);
-  const int b = static_cast<int>(bh / f.H), h = static_cast<int>(bh % f.H);
-  const int len = sequence_length(f.lengths, b, f.L);
-  const int j0 = jb * BN;
+  const int nqb = ceil_div(f.L, BM);
+  const BlockCoords bc = block_coords(f, BN);  // this block owns key rows
+  const int64_t bh = bc.bh;
+  const int len = bc.len, j0 = bc.start;
   T* dk_out = static_cast<T*>(p.grad_k) + bh * f.L * f.D;
   T* dv_out = static_cast<T*>(p.grad_v) + bh * f.L * f.D;
   if (j0 >= len) {
@@ -253,12 +238,11 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dkdv_kernel(const Wi
   }
   const int ncols = min(BN, len - j0);
   const bool cut = f.cutoff > 0.f && f.sigma != nullptr;
-  const float* sigma_bh = f.sigma != nullptr ? f.sigma + bh * f.L : nullptr;
-  const float* bias_h = f.rel_bias != nullptr ? f.rel_bias + static_cast<int64_t>(h) * (2 * f.R + 1) : nullptr;
-  const T* qb = static_cast<const T*>(f.q.ptr) + b * f.q.stride[0] + h * f.q.stride[1];
-  const T* kb = static_cast<const T*>(f.k.ptr) + b * f.k.stride[0] + h * f.k.stride[1];
-  const T* vb = static_cast<const T*>(f.v.ptr) + b * f.v.stride[0] + h * f.v.stride[1];
-  const T* gb = static_cast<const T*>(p.grad_out.ptr) + b * p.grad_out.stride[0] + h * p.grad_out.stride[1];
+  const float* bias_h = f.rel_bias != nullptr ? f.rel_bias + static_cast<int64_t>(bc.h) * (2 * f.R + 1) : nullptr;
+  const T* qb = head_slice<T>(f.q, bc);
+  const T* kb = head_slice<T>(f.k, bc);
+  const T* vb = head_slice<T>(f.v, bc);
+  const T* gb = head_slice<T>(p.grad_out, bc);
   load_tile<T, BN, DT>(Ks, kb, f.k.stride[2], f.k.stride[3], j0, ncols, f.D);
   load_tile<T, BN, DT>(Vs, vb, f.v.stride[2], f.v.stride[3], j0, ncols, f.D);
 
@@ -281,15 +265,9 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dkdv_kernel(const Wi
     load_tile<T, BM, DT>(Qs, qb, f.q.stride[2], f.q.stride[3], i0, nrows, f.D);
     load_tile<T, BM, DT>(dOs, gb, p.grad_out.stride[2], p.grad_out.stride[3], i0, nrows, f.D);
     load_bias_diagonals<BM, BN>(bias_s, bias_h, f.R, j0 - i0);
-    RowWindow rw[C::RM];
-    float lse[C::RM], delta[C::RM];
+    BwdRow rows[C::RM];
 #pragma unroll
-    for (int a = 0; a < C::RM; ++a) {
-      const int r = ty + 16 * a;
-      rw[a] = row_window(sigma_bh, f.cutoff, cut, i0 + r, r < nrows);
-      lse[a] = rw[a].valid ? f.lse[bh * f.L + i0 + r] : 0.f;
-      delta[a] = rw[a].valid ? p.delta[bh * f.L + i0 + r] : 0.f;
-    }
+    for (int a = 0; a < C::RM; ++a) rows[a] = bwd_row(p, bh, i0 + ty + 16 * a, ty + 16 * a < nrows, cut);
     __syncthreads();
 
     float s[C::RM][C::RN], dp[C::RM][C::RN];
@@ -302,10 +280,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dkdv_kernel(const Wi
       for (int c = 0; c < C::RN; ++c) {
         const int col = tx + 16 * c;
         const float bias = bias_h != nullptr ? bias_s[col - r + BM - 1] : 0.f;
-        const float logit = masked_logit(s[a][c], i0 + r, j0 + col, rw[a], len, cut, f.scale, bias);
-        const float pv = logit == -INFINITY ? 0.f : expf(logit - lse[a]);
-        Ps[r * C::LDS + col] = pv;
-        dSs[r * C::LDS + col] = pv * (dp[a][c] - delta[a]);
+        prob_and_grad(s[a][c], dp[a][c], i0 + r, j0 + col, rows[a], len, cut, f.scale, bias, Ps[r * C::LDS + col],
+                      dSs[r * C::LDS + col]);
       }
     }
     __syncthreads();

@@ -28,12 +28,9 @@ __global__ void __launch_bounds__(kThreads) window_attn_fwd_kernel(const WindowA
   int* scratch = reinterpret_cast<int*>(bias_s + BM + BN);
 
   const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  const int nqb = ceil_div(p.L, BM);
-  const int64_t bh = blockIdx.x / nqb;
-  const int ib = static_cast<int>(blockIdx.x % nqb);
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  const int len = sequence_length(p.lengths, b, p.L);
-  const int i0 = ib * BM;
+  const BlockCoords bc = block_coords(p, BM);
+  const int64_t bh = bc.bh;
+  const int len = bc.len, i0 = bc.start;
   T* out = static_cast<T*>(p.out) + bh * p.L * p.D;
   float* lse = p.lse + bh * p.L;
 
@@ -56,10 +53,10 @@ __global__ void __launch_bounds__(kThreads) window_attn_fwd_kernel(const WindowA
     const int r = ty + 16 * a;
     rw[a] = row_window(sigma_bh, p.cutoff, cut, i0 + r, r < nrows);
   }
-  const float* bias_h = p.rel_bias != nullptr ? p.rel_bias + static_cast<int64_t>(h) * (2 * p.R + 1) : nullptr;
-  const T* qb = static_cast<const T*>(p.q.ptr) + b * p.q.stride[0] + h * p.q.stride[1];
-  const T* kb = static_cast<const T*>(p.k.ptr) + b * p.k.stride[0] + h * p.k.stride[1];
-  const T* vb = static_cast<const T*>(p.v.ptr) + b * p.v.stride[0] + h * p.v.stride[1];
+  const float* bias_h = p.rel_bias != nullptr ? p.rel_bias + static_cast<int64_t>(bc.h) * (2 * p.R + 1) : nullptr;
+  const T* qb = head_slice<T>(p.q, bc);
+  const T* kb = head_slice<T>(p.k, bc);
+  const T* vb = head_slice<T>(p.v, bc);
   load_tile<T, BM, DT>(Qs, qb, p.q.stride[2], p.q.stride[3], i0, nrows, p.D);
 
   float m[C::RM], l[C::RM], o[C::RM][C::RD];

@@ -125,6 +125,17 @@ def _attention_run(fn, args: dict, grad_out: torch.Tensor, **kw):
     return out, dict(zip(names, grads))
 
 
+def _check_attention_fp32(backend, args: dict, grad_out: torch.Tensor, **kw) -> None:
+    """Output and every gradient of the CUDA path against the reference, fp32 tolerance."""
+    out, grads = _attention_run(backend.windowed_attention, args, grad_out, **kw)
+    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, **kw)
+    tol = testing.TOLERANCE[torch.float32]
+    testing.assert_close(out, ref, tol, "out")
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
+
+
 # --- windowed_attention --------------------------------------------------------------------------
 
 # (id, B, H, L, D, R, sigma, lengths, cutoff, scale): tiny, odd, exactly one block (64), one past a
@@ -155,13 +166,7 @@ def test_windowed_attention_fp32(backend, case):
     _, B, H, L, D, R, sigma, lengths, cutoff, scale = case
     args = _attention_args(backend, B, H, L, D, R, sigma, lengths, seed=L + D)
     grad_out = torch.randn(B, H, L, D, device=backend.device)
-    out, grads = _attention_run(backend.windowed_attention, args, grad_out, cutoff=cutoff, scale=scale)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=cutoff, scale=scale)
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(out, ref, tol, "out")
-    assert set(grads) == set(ref_grads)
-    for name in ref_grads:
-        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
+    _check_attention_fp32(backend, args, grad_out, cutoff=cutoff, scale=scale)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
@@ -187,17 +192,13 @@ def test_windowed_attention_noncontiguous(backend):
     args = _attention_args(backend, B, H, L, D, 3, True, "ragged", noncontiguous=True, seed=5)
     assert not args["q"].is_contiguous()
     grad_out = torch.randn(B, H, D, L, device=backend.device).transpose(-1, -2)  # non-contiguous too
-    out, grads = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.5)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=2.5)
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(out, ref, tol, "out")
-    for name in ref_grads:
-        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
+    _check_attention_fp32(backend, args, grad_out, cutoff=2.5)
     # A stride-0 gradient (the backward of out.sum()) is read correctly as well.
     x, y = _leaves(args), _leaves(args)
     backend.windowed_attention(**x).sum().backward()
     windowed_attention_ref(**y).sum().backward()
-    testing.assert_close(x["q"].grad, y["q"].grad, _scaled_tol(tol, y["q"].grad), "grad q of out.sum()")
+    testing.assert_close(x["q"].grad, y["q"].grad, _scaled_tol(testing.TOLERANCE[torch.float32], y["q"].grad),
+                         "grad q of out.sum()")
 
 
 def test_windowed_attention_long_sequence_window(backend):
@@ -210,12 +211,7 @@ def test_windowed_attention_long_sequence_window(backend):
     args["sigma"] = sigma.to(backend.device)
     args["lengths"] = torch.tensor([L - 3], device=backend.device)
     grad_out = torch.randn(1, 2, L, 16, device=backend.device)
-    out, grads = _attention_run(backend.windowed_attention, args, grad_out, cutoff=3.0)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=3.0)
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(out, ref, tol, "out")
-    for name in ref_grads:
-        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
+    _check_attention_fp32(backend, args, grad_out, cutoff=3.0)
 
 
 @pytest.mark.parametrize("L, sigma", [(130, 1.0), (129, 2.0), (200, 64.0)], ids=["w1", "w2", "w64"])
@@ -225,12 +221,7 @@ def test_windowed_attention_window_edges(backend, L, sigma):
     args = _attention_args(backend, 1, 2, L, 16, 2, True, None, seed=L)
     args["sigma"] = torch.full((1, 2, L), sigma, device=backend.device)
     grad_out = torch.randn(1, 2, L, 16, device=backend.device)
-    out, grads = _attention_run(backend.windowed_attention, args, grad_out, cutoff=1.0)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=1.0)
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(out, ref, tol, "out")
-    for name in ref_grads:
-        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
+    _check_attention_fp32(backend, args, grad_out, cutoff=1.0)
 
 
 def test_windowed_attention_padded_rows(backend):
