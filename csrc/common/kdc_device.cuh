@@ -70,9 +70,9 @@ __device__ __forceinline__ void group_argmax(float& value, int& index) {
   }
 }
 
-// Dynamic shared memory of every kernel, as floats (16-byte aligned).
+// Dynamic shared memory of every kernel, as floats (128-byte aligned: WMMA tiles need 32).
 __device__ __forceinline__ float* dynamic_smem() {
-  extern __shared__ __align__(16) float kdc_dynamic_smem[];
+  extern __shared__ __align__(128) float kdc_dynamic_smem[];
   return kdc_dynamic_smem;
 }
 

@@ -16,7 +16,7 @@ constexpr int kVideosPerBlock = 4;
 
 template <typename T, int BC>
 __global__ void __launch_bounds__(kThreads) max_sim_fwd_kernel(const MaxSimParams p, float* score, int64_t* index) {
-  float* smem = dynamic_smem();
+  char* smem = reinterpret_cast<char*>(dynamic_smem());
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * BQ;
   const int64_t v_begin = static_cast<int64_t>(blockIdx.x) * kVideosPerBlock;
@@ -46,7 +46,7 @@ cudaError_t launch_fwd(const MaxSimParams& p, float* score, int64_t* index, cuda
   if (err != cudaSuccess) return err;
   const int64_t gx = ceil_div<int64_t>(p.Nv, kVideosPerBlock), gy = ceil_div<int64_t>(p.Nq, BQ);
   if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
-  constexpr size_t smem = sizeof(float) * staging_floats<BC>();
+  constexpr size_t smem = staging_bytes<T, BC>();
   max_sim_fwd_kernel<T, BC><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, smem, stream>>>(
       p, score, index);
   return cudaGetLastError();

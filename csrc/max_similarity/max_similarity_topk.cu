@@ -73,16 +73,17 @@ __host__ __device__ inline int64_t split_size(int64_t split, int64_t Nv) {
   return rest < kSplit ? rest : kSplit;
 }
 
-template <int BC>
-__host__ __device__ constexpr int partial_smem_floats() {
+template <typename T, int BC>
+__host__ __device__ constexpr int partial_smem_bytes() {
   // staging tiles, the [BQ][kSplit] score slab, one [kSplit] index row per warp
-  return staging_floats<BC>() + BQ * kSplit + (kThreads / 32) * kSplit;
+  return staging_bytes<T, BC>() + static_cast<int>(sizeof(float)) * BQ * kSplit +
+         static_cast<int>(sizeof(int)) * (kThreads / 32) * kSplit;
 }
 
 template <typename T, int BC>
 __global__ void __launch_bounds__(kThreads) topk_partial_kernel(const MaxSimParams p, const TopkRound r) {
-  float* smem = dynamic_smem();
-  float* slab = smem + staging_floats<BC>();
+  char* smem = reinterpret_cast<char*>(dynamic_smem());
+  float* slab = reinterpret_cast<float*>(smem + staging_bytes<T, BC>());
   int* ids = reinterpret_cast<int*>(slab + BQ * kSplit);
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -198,7 +199,7 @@ cudaError_t launch_topk(const MaxSimParams& p, int64_t k, const TopkPlan& plan, 
                         int64_t* videos, cudaStream_t stream) {
   cudaError_t err = launch_norms<T>(p, stream);
   if (err != cudaSuccess) return err;
-  constexpr size_t smem = sizeof(float) * partial_smem_floats<BC>();
+  constexpr size_t smem = partial_smem_bytes<T, BC>();
   auto partial = topk_partial_kernel<T, BC>;
   if ((err = prepare_smem(partial, smem)) != cudaSuccess) return err;
 

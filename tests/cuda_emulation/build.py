@@ -2,6 +2,8 @@
 bindings compiled for the CPU on top of ``tests/cuda_emulation`` (an emulated CUDA runtime), so
 the CUDA path runs end to end on a machine without a GPU: torch.ops.kdc.cuda_* -> binding ->
 launcher -> kernels. The bindings register under the CPU dispatch key (``KDC_CUDA_EMULATION``).
+``include/`` stands in for the CUDA headers: the runtime API, the device language (fibers for
+threads, see ``cuda_runtime.h``), fp16 / bf16 and ``nvcuda::wmma`` (``mma.h``).
 
 The ``.cu`` sources are copied with three mechanical rewrites that plain C++ needs: kernel
 launches ``k<<<grid, block, smem, stream>>>(args)`` become ``::emu::launcher(k, grid, block, smem,

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -51,7 +52,10 @@ ucontext_t g_scheduler;
 std::vector<Fiber> g_fibers;
 Fiber* g_current = nullptr;
 KernelBody* g_body = nullptr;
-std::unique_ptr<char[]> g_smem;
+struct AlignedFree {
+  void operator()(char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+};
+std::unique_ptr<char[], AlignedFree> g_smem;  // 128-byte aligned, like the kernels' declaration
 std::string g_failure;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
@@ -129,7 +133,7 @@ std::string resolve_warps(size_t nthreads, bool& released) {
 
 std::string run_block(size_t nthreads, size_t smem_bytes, bool reverse) {
   if (smem_bytes > 0) {
-    g_smem.reset(new char[smem_bytes]);
+    g_smem.reset(static_cast<char*>(::operator new[](smem_bytes, std::align_val_t(128))));
     std::memset(g_smem.get(), 0xff, smem_bytes);
   } else {
     g_smem.reset();
@@ -208,6 +212,8 @@ unsigned ballot(unsigned mask, bool pred) {
 }
 
 void* dynamic_smem() { return g_smem.get(); }
+
+void fail(const char* what, const char* why) { fail_in_fiber(std::string(what) + ": " + why); }
 
 void set_last_error(cudaError_t err) {
   if (err != cudaSuccess) g_last_error = err;

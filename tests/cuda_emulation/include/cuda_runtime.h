@@ -40,6 +40,7 @@ void syncwarp(unsigned mask);
 uint64_t shfl_xor(unsigned mask, uint64_t bits, int lane_mask);
 unsigned ballot(unsigned mask, bool pred);
 void* dynamic_smem();
+[[noreturn]] void fail(const char* what, const char* why);  // a kernel bug: fails the launch
 
 struct KernelBody {
   virtual void run() = 0;
