@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -45,6 +46,19 @@ def _build_emulation() -> str:
     from tests.cuda_emulation.build import build
 
     return build()
+
+
+def _emulation_tools_missing() -> str | None:
+    """Why the emulation cannot be built here (a missing build tool), or None."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "the CUDA emulation is built with ninja, which is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "the CUDA emulation needs a C++ compiler (c++ / $CXX), none found"
+    return None
 
 
 class Backend:
@@ -86,7 +100,10 @@ def backend(request) -> Backend:
         if missing:
             pytest.fail(f"the CUDA extension has no kernels for {missing}: rebuild it")
     else:
-        _build_emulation()
+        missing = _emulation_tools_missing()
+        if missing:
+            pytest.skip(missing)
+        _build_emulation()  # any other build error fails the tests
     return Backend(request.param)
 
 
