@@ -25,7 +25,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdc-installed
 export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL TRITON_SPEC EXTRAS
 
-.PHONY: install train test bench gpu-test clean
+.PHONY: install train test bench gpu-test gpu-suite clean
 
 $(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -37,6 +37,7 @@ train: $(STAMP)
 	$(PY) examples/ops_demo.py $(TRAIN_ARGS)
 
 test: $(STAMP)
+	$(PY) scripts/check_cuda.py
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m pytest benchmarks --benchmark-disable -q -p no:cacheprovider
 
@@ -45,6 +46,9 @@ bench: $(STAMP)
 
 gpu-test: $(STAMP)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -2,67 +2,76 @@
 
 ``KDC_BUILD_CUDA``:
   * ``auto`` (default): build ``kdc_kernels._C`` when torch is a CUDA build, a CUDA toolkit
-    (nvcc) is found and ``csrc/`` holds sources; otherwise install without it and say why.
+    (nvcc) is found and ``csrc/`` holds sources; otherwise install without it and say why (one line).
   * ``1``: build it or fail loudly.
   * ``0``: never build it.
 ``TORCH_CUDA_ARCH_LIST`` picks the GPU architectures (default ``9.0`` when no GPU is visible),
-``MAX_JOBS`` the parallel compile jobs. Install with ``pip install --no-build-isolation -e .``.
+``MAX_JOBS`` the parallel compile jobs (ninja). Install with ``pip install --no-build-isolation -e .``.
+Beside the library the build writes ``_C_build.json`` (the torch / CUDA versions and architectures
+it was built for): importing under another torch then explains the mismatch instead of crashing.
+The sources, flags and build-info logic live in ``kdc_kernels/_build.py`` (shared with the
+``KDC_JIT=1`` build on first use).
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EXT_NAME = "kdc_kernels._C"
 
 
 def _say(msg: str) -> None:
     print(f"kdc-kernels setup: {msg}", file=sys.stderr)
 
 
+def _load_build_module():
+    """kdc_kernels/_build.py, loaded from its path (importing the package would need torch)."""
+    spec = importlib.util.spec_from_file_location("_kdc_build", os.path.join(ROOT, "kdc_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _cuda_extension():
     """(ext_modules, cmdclass) for the CUDA extension, or ([], {}) with one line saying why not."""
-    mode = os.environ.get("KDC_BUILD_CUDA", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        raise SystemExit(f"KDC_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+    build = _load_build_module()
+    mode = build.build_mode()
     if mode == "0":
-        _say("KDC_BUILD_CUDA=0: not compiling the CUDA extension (the Triton and reference paths work without it)")
+        _say(build.cuda_build_decision(mode, True, None, None, None)[1])
         return [], {}
-
-    def skip(reason: str):
-        if mode == "1":
-            raise SystemExit(f"KDC_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-        _say(f"not compiling the CUDA extension: {reason} (set KDC_BUILD_CUDA=1 to require it)")
-        return [], {}
-
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
-                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    if not sources:
-        return skip("csrc/ holds no CUDA sources yet")
+    has_sources = bool(build.sources(ROOT))
+    torch_version = torch_cuda = cuda_home = None
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        torch_version, torch_cuda, cuda_home = torch.__version__, torch.version.cuda, CUDA_HOME
     except ImportError:
-        return skip("torch is not importable in the build environment (use pip install --no-build-isolation)")
-    if torch.version.cuda is None:
-        return skip(f"torch {torch.__version__} is a CPU-only build")
-    if CUDA_HOME is None:
-        return skip("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-    _say(f"compiling the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'visible GPUs')}")
+        pass
+    ok, message = build.cuda_build_decision(mode, has_sources, torch_version, torch_cuda, cuda_home)
+    if not ok:
+        _say(message)
+        return [], {}
+
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    archs = build.arch_list(torch.cuda.is_available())
+    if archs is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    _say(f"{message}, TORCH_CUDA_ARCH_LIST={archs or 'visible GPUs'}, MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}")
+    info = build.build_info(torch, archs, build.source_root() or None)
+
     ext = CUDAExtension(
-        name=EXT_NAME,
-        sources=sources,
+        name=build.EXT_NAME,
+        sources=build.sources(ROOT),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS)},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": build.build_ext_with_info(BuildExtension, info).with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _cuda_extension()

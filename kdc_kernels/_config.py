@@ -10,6 +10,9 @@ with ``os.environ`` / ``monkeypatch.setenv`` and see the effect on the next call
 | ``KDC_SKIP_VALUE_CHECKS`` | 0, 1 | skip data-dependent checks (lengths range, sigma > 0) that need a device sync |
 | ``KDC_JIT`` | 0, 1 | build the CUDA extension on first use (editable installs) |
 | ``TRITON_INTERPRET`` | 0, 1 | Triton's own flag: run Triton kernels on the CPU interpreter |
+| ``KDC_POISON_OUTPUTS`` | 0, 1 | test hook: fast paths fill the outputs they allocate with NaN (integers with -1) before their kernels run, so an unwritten element fails a comparison (also read by the compiled extension) |
+| ``KDC_TOPK_ROUND_SPLITS`` | 1..31 | test hook read by the compiled extension: video splits merged per round by the CUDA top-k (default 31) |
+| ``KDC_TOPK_WORKSPACE_BYTES`` | bytes | test hook read by the compiled extension: workspace bound of the CUDA top-k (default 256 MiB; smaller forces query chunks) |
 """
 
 from __future__ import annotations
@@ -60,3 +63,8 @@ def triton_interpret() -> bool:
 def jit_build() -> bool:
     """``KDC_JIT=1``: compile the CUDA extension on first use."""
     return _flag("KDC_JIT")
+
+
+def poison_outputs() -> bool:
+    """``KDC_POISON_OUTPUTS=1``: fill freshly allocated outputs with NaN / -1 (a test hook)."""
+    return _flag("KDC_POISON_OUTPUTS")

@@ -58,7 +58,9 @@ def report() -> str:
     else:
         lines.append("CUDA devices: none visible")
     loaded, why = _ext.status()
-    lines.append("compiled extension: " + ("loaded" if loaded else f"not loaded ({why})"))
+    built = _ext.build_info() or {}
+    built_for = ", ".join(f"{k} {built[k]}" for k in ("torch", "cuda", "arch_list") if k in built)
+    lines.append("compiled extension: " + (f"loaded ({built_for or 'no build info'})" if loaded else f"not loaded ({why})"))
     lines.append(f"KDC_IMPL default: {_config.default_impl()}; deterministic: {_config.deterministic()}")
     lines.append("auto picks (fp32 tensors):")
     for device_type in ("cpu", "cuda"):

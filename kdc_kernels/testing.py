@@ -119,7 +119,7 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    return float((actual.detach().double() - expected.detach().double()).abs().max()) if actual.numel() else 0.0
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name: str = "output") -> None:
@@ -180,3 +180,74 @@ def check_fast_path(actual: torch.Tensor, ref_fp32: torch.Tensor, ref_low: torch
         if ref_low is None:
             raise ValueError(f"{name}: a {dtype} comparison needs the reference run in {dtype} (ref_low)")
         compare_low_precision(actual.detach(), ref_low.detach(), ref_fp32.detach(), name, atol=TOLERANCE[dtype] * scale)
+
+
+def with_argmax_ties(queries: torch.Tensor, clips: torch.Tensor, lengths: torch.Tensor | None = None,
+                     strides=(1, 16, 33, 64), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of ``queries [Nq, D]`` and ``clips [Nv, L, D]`` with exact ties placed where kernels
+    meet them: in every video a random clip ``src`` is repeated at ``src + s`` for each stride
+    (1 / 33: another lane of a 16- or 32-wide tile; 16: the same lane, a later column; 64: a later
+    tile), every query points along one
+    repeated clip (so the tie is its maximum), and, with Nv >= 4, the last video repeats video 1
+    with the same length (a top-k tie). The lowest index must win every tie."""
+    queries, clips = queries.detach().clone(), clips.detach().clone()
+    nv, L, _ = clips.shape
+    g = make_generator(seed)
+    sources = []
+    for v in range(nv):
+        n = L if lengths is None else int(lengths[v])
+        src = int(torch.randint(0, n, (1,), generator=g))
+        for s in strides:
+            if src + s < n:
+                clips[v, src + s] = clips[v, src]
+        sources.append(src)
+    if nv >= 4 and (lengths is None or int(lengths[1]) == int(lengths[nv - 1])):
+        clips[nv - 1] = clips[1]
+    for n in range(queries.shape[0]):
+        v = n % nv
+        noise = (0.05 * torch.randn(queries.shape[1], generator=g)).to(device=queries.device, dtype=queries.dtype)
+        queries[n] = clips[v, sources[v]] + noise
+    return queries, clips
+
+
+def assert_argmax_valid(index: torch.Tensor, ref_index: torch.Tensor, sims_at, clips: torch.Tensor,
+                        atol: float, name: str = "index") -> None:
+    """``index`` equals the reference's lowest argmax, except at genuine near-ties: where the two
+    clips differ (so no tie rule applies) and ``sims_at(n, v, l)`` (the reference similarity) of
+    both is within ``atol``. A tie between identical clips must go to the lower index."""
+    if index.shape != ref_index.shape or index.dtype != ref_index.dtype:
+        raise AssertionError(f"{name}: {tuple(index.shape)} {index.dtype} != {tuple(ref_index.shape)} {ref_index.dtype}")
+    for n, v in (index != ref_index).nonzero().tolist():
+        got, want = int(index[n, v]), int(ref_index[n, v])
+        if got < 0 or got >= clips.shape[1]:
+            raise AssertionError(f"{name}[{n}, {v}] = {got} is not a clip index")
+        if torch.equal(clips[v, got], clips[v, want]):
+            raise AssertionError(f"{name}[{n}, {v}] = {got}: identical clips {want} and {got} tie; the lower must win")
+        gap = abs(float(sims_at(n, v, got)) - float(sims_at(n, v, want)))
+        if gap > atol:
+            raise AssertionError(f"{name}[{n}, {v}] = {got}, reference {want}: similarities differ by {gap:.3g} > {atol:.3g}")
+
+
+def assert_topk_valid(scores: torch.Tensor, videos: torch.Tensor, ref_scores: torch.Tensor, ref_videos: torch.Tensor,
+                      full_scores: torch.Tensor, same_video, atol: float) -> None:
+    """A top-k result against the reference: scores close; every returned video's reference score
+    matches its returned score; the returned set is a top-k of ``full_scores [Nq, Nv]`` up to
+    ``atol``; order descending with exact ties (and identical videos, ``same_video(a, b)``) broken
+    towards the lower video index; indices equal to the reference wherever scores are not near-tied."""
+    assert_close(scores, ref_scores, atol, "scores")
+    assert_topk_equivalent(scores, videos, full_scores, atol)
+    nq, k = videos.shape
+    for n in range(nq):
+        row_v = videos[n].tolist()
+        for t in range(k - 1):
+            a, b = float(scores[n, t]), float(scores[n, t + 1])
+            if a < b or (a == b and row_v[t] > row_v[t + 1]):
+                raise AssertionError(f"row {n}: positions {t}, {t + 1} out of order: ({a}, {row_v[t]}) then ({b}, {row_v[t + 1]})")
+        for t in range(k):
+            got, want = row_v[t], int(ref_videos[n, t])
+            if got == want:
+                continue
+            if same_video(got, want):
+                raise AssertionError(f"videos[{n}, {t}] = {got}, reference {want}: identical videos tie; the lower must come first")
+            if abs(float(full_scores[n, got]) - float(full_scores[n, want])) > atol:
+                raise AssertionError(f"videos[{n}, {t}] = {got}, reference {want}: not a near-tie")

@@ -1,0 +1,121 @@
+r"""CUDA path of ``max_similarity`` and ``max_similarity_topk``: a thin wrapper over the compiled
+kernels in ``csrc/max_similarity/``.
+
+The ops are declared here (schema, fake implementation, autograd), so they exist for tracing,
+fake tensors and ``opcheck`` whether or not the compiled extension is built; loading the
+extension registers their CUDA kernels:
+
+* ``kdc::cuda_max_similarity_fwd(queries, clips, lengths, normalize) -> (score, index,
+  query_norms, clip_norms)``: score fp32 ``[Nq, Nv]``, index int64 ``[Nq, Nv]`` (lowest argmax
+  clip), and with normalize the fp32 L2 norms ``[Nq]`` / ``[Nv, L]`` saved for the backward (empty
+  ``[0]`` tensors without).
+* ``kdc::cuda_max_similarity_bwd(grad_score, queries, clips, lengths, index, query_norms,
+  clip_norms, normalize) -> (grad_queries, grad_clips)``.
+* ``kdc::cuda_max_similarity_topk(queries, clips, lengths, k, normalize) -> (scores, videos)``:
+  fp32 / int64 ``[Nq, k]``; no ``[Nq, Nv]`` buffer; no autograd.
+
+The kernels use no floating-point atomics: results are bitwise reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+
+_FWD, _BWD = (f"kdc::{name}" for name in _ext.CUDA_OPS["max_similarity"])
+(_TOPK,) = (f"kdc::{name}" for name in _ext.CUDA_OPS["max_similarity_topk"])
+MAX_BACKWARD_DIM = 2048  # kMaxSimBwdMaxD in csrc/max_similarity/max_similarity.h
+MAX_QUERIES = 65535 * 64  # grid limit of the scoring kernels (query tiles of 64)
+
+torch.library.define(
+    _FWD, "(Tensor queries, Tensor clips, Tensor? lengths, bool normalize) -> (Tensor, Tensor, Tensor, Tensor)")
+torch.library.define(
+    _BWD,
+    "(Tensor grad_score, Tensor queries, Tensor clips, Tensor? lengths, Tensor index, Tensor query_norms, "
+    "Tensor clip_norms, bool normalize) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    _TOPK, "(Tensor queries, Tensor clips, Tensor? lengths, int k, bool normalize) -> (Tensor, Tensor)")
+
+
+def _norm_shapes(queries, clips, normalize):
+    nq, (nv, L, _) = queries.shape[0], clips.shape
+    return ((nq,), (nv, L)) if normalize else ((0,), (0,))
+
+
+@torch.library.register_fake(_FWD)
+def _fwd_fake(queries, clips, lengths, normalize):
+    nq, nv = queries.shape[0], clips.shape[0]
+    qshape, cshape = _norm_shapes(queries, clips, normalize)
+    f32 = dict(dtype=torch.float32)
+    return (queries.new_empty((nq, nv), **f32), queries.new_empty((nq, nv), dtype=torch.int64),
+            queries.new_empty(qshape, **f32), queries.new_empty(cshape, **f32))
+
+
+@torch.library.register_fake(_BWD)
+def _bwd_fake(grad_score, queries, clips, lengths, index, query_norms, clip_norms, normalize):
+    return queries.new_empty(queries.shape), clips.new_empty(clips.shape)
+
+
+@torch.library.register_fake(_TOPK)
+def _topk_fake(queries, clips, lengths, k, normalize):
+    nq = queries.shape[0]
+    return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
+
+
+def _setup_context(ctx, inputs, output):
+    queries, clips, lengths, normalize = inputs
+    _, index, query_norms, clip_norms = output
+    ctx.mark_non_differentiable(index, query_norms, clip_norms)
+    ctx.save_for_backward(queries, clips, lengths, index, query_norms, clip_norms)
+    ctx.normalize = normalize
+
+
+def _backward(ctx, grad_score, grad_index, grad_query_norms, grad_clip_norms):
+    queries, clips, lengths, index, query_norms, clip_norms = ctx.saved_tensors
+    grad_queries, grad_clips = torch.ops.kdc.cuda_max_similarity_bwd(
+        grad_score, queries, clips, lengths, index, query_norms, clip_norms, ctx.normalize)
+    needs = ctx.needs_input_grad
+    return grad_queries if needs[0] else None, grad_clips if needs[1] else None, None, None
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def max_similarity_cuda(queries, clips, lengths=None, normalize=True, return_index=False):
+    """Runs the compiled kernels on a validated case (see ``api._validate``)."""
+    _ext.status()  # loads the extension (and its kernel registrations) on first use
+    score, index, _, _ = torch.ops.kdc.cuda_max_similarity_fwd(queries, clips, lengths, normalize)
+    return (score, index) if return_index else score
+
+
+def max_similarity_unsupported(queries, clips, lengths=None, normalize=True, return_index=False) -> list[str]:
+    """Every reason the CUDA kernels cannot run this case (shapes and dtypes only)."""
+    reasons = _shape_reasons(queries, clips)
+    D = queries.shape[1]
+    if (queries.requires_grad or clips.requires_grad) and D > MAX_BACKWARD_DIM:
+        reasons.append(f"the CUDA backward supports an embedding size D <= {MAX_BACKWARD_DIM}, got D = {D}")
+    return reasons
+
+
+def max_similarity_topk_cuda(queries, clips, lengths=None, k=100, normalize=True):
+    """Runs the compiled top-k kernels on a validated case (no autograd)."""
+    _ext.status()
+    return torch.ops.kdc.cuda_max_similarity_topk(queries.detach(), clips.detach(), lengths, k, normalize)
+
+
+def max_similarity_topk_unsupported(queries, clips, lengths=None, k=100, normalize=True) -> list[str]:
+    """Every reason the CUDA kernels cannot run this case (shapes and dtypes only)."""
+    return _shape_reasons(queries, clips, query_limit=False)  # queries are processed in chunks
+
+
+def _shape_reasons(queries, clips, query_limit: bool = True) -> list[str]:
+    reasons = []
+    nq, (nv, L, D) = queries.shape[0], clips.shape
+    if query_limit and nq > MAX_QUERIES:
+        reasons.append(f"the CUDA kernels support Nq <= {MAX_QUERIES} queries per call, got {nq}")
+    for name, value in (("Nv", nv), ("L", L), ("D", D)):
+        if value >= 2**31 - 1:
+            reasons.append(f"the CUDA kernels need {name} < 2^31 - 1, got {value}")
+    return reasons

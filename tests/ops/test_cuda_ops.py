@@ -1,0 +1,573 @@
+"""The CUDA kernels (csrc/) against the reference: forward, every gradient, exact ties, ragged
+lengths, fp32 / fp16 / bf16, non-contiguous inputs, deterministic mode, NaN-poisoned outputs,
+opcheck and torch.compile.
+
+Every test runs on two backends:
+
+* ``gpu`` (``@pytest.mark.gpu``): the compiled extension on a CUDA device, through the public API
+  with ``impl="cuda"``. Fails (not skips) when the extension is not loaded on a GPU machine.
+* ``emulated`` (``@pytest.mark.slow``): the same csrc/ kernels and bindings compiled for the CPU
+  on top of an emulated CUDA runtime (tests/cuda_emulation: fibers for threads, real barrier and
+  warp-shuffle semantics, NaN-filled shared memory, hardware launch limits), called through the
+  ``_cuda.py`` wrappers on CPU tensors. It runs the CUDA path's logic everywhere; timing, memory
+  model and hardware arithmetic details are only exercised by ``gpu``.
+
+The tests named ``*sanitizer*`` are a small subset for ``compute-sanitizer --tool memcheck``:
+``compute-sanitizer --tool memcheck python -m pytest -m gpu -k sanitizer tests/ops/test_cuda_ops.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+import kdc_kernels as K
+from kdc_kernels import _ext, testing
+from kdc_kernels.ops.max_similarity import api as ms_api
+from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref
+from kdc_kernels.ops.windowed_attention import api as wa_api
+from kdc_kernels.ops.windowed_attention import windowed_attention_ref
+from kdc_kernels.ops.max_similarity import _cuda as ms_cuda
+from kdc_kernels.ops.windowed_attention import _cuda as wa_cuda
+
+ATTN_GRADS = ("q", "k", "v", "rel_bias", "sigma")
+LOW = [torch.float16, torch.bfloat16]
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _build_emulation() -> str:
+    from tests.cuda_emulation.build import build
+
+    return build()
+
+
+def _emulation_tools_missing() -> str | None:
+    """Why the emulation cannot be built here (a missing build tool), or None."""
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "the CUDA emulation is built with ninja, which is not installed (pip install ninja)"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "the CUDA emulation needs a C++ compiler (c++ / $CXX), none found"
+    return None
+
+
+class Backend:
+    """Runs the CUDA path: the public API with impl="cuda" on a GPU, the _cuda.py wrappers (after
+    the public API's own validation) on the emulated CPU backend."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.device = torch.device("cuda" if name == "gpu" else "cpu")
+        self.emulated = name == "emulated"
+
+    def windowed_attention(self, q, k, v, rel_bias=None, sigma=None, lengths=None, *, scale=None, cutoff=None):
+        if not self.emulated:
+            return K.windowed_attention(q, k, v, rel_bias, sigma, lengths, scale=scale, cutoff=cutoff, impl="cuda")
+        return wa_cuda.windowed_attention_cuda(**wa_api._validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff))
+
+    def max_similarity(self, queries, clips, lengths=None, *, normalize=True, return_index=False):
+        if not self.emulated:
+            return K.max_similarity(queries, clips, lengths, normalize=normalize, return_index=return_index,
+                                    impl="cuda")
+        case = ms_api._validate(queries, clips, lengths)
+        return ms_cuda.max_similarity_cuda(**case, normalize=normalize, return_index=return_index)
+
+    def max_similarity_topk(self, queries, clips, lengths=None, k=100, *, normalize=True):
+        if not self.emulated:
+            return K.max_similarity_topk(queries, clips, lengths, k, normalize=normalize, impl="cuda")
+        case = ms_api._validate(queries, clips, lengths)
+        return ms_cuda.max_similarity_topk_cuda(**case, k=k, normalize=normalize)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu),
+                                        pytest.param("emulated", marks=pytest.mark.slow)])
+def backend(request) -> Backend:
+    if request.param == "gpu":
+        loaded, why = _ext.status()
+        if not loaded:
+            pytest.fail(f"the CUDA extension is not loaded on this GPU machine: {why}")
+        missing = [op for op in _ext.CUDA_OPS if not _ext.has_op(op)]
+        if missing:
+            pytest.fail(f"the CUDA extension has no kernels for {missing}: rebuild it")
+    else:
+        missing = _emulation_tools_missing()
+        if missing:
+            pytest.skip(missing)
+        _build_emulation()  # any other build error fails the tests
+    return Backend(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every output the bindings allocate starts as NaN (-1 for indices)."""
+    monkeypatch.setenv("KDC_POISON_OUTPUTS", "1")
+
+
+def _scaled_tol(tol: float, ref: torch.Tensor) -> float:
+    """An absolute tolerance for outputs of unit scale, scaled up for larger ones (gradients)."""
+    return tol * max(1.0, float(ref.detach().abs().max()))
+
+
+def _leaves(args: dict, dtype=None) -> dict:
+    """Detached copies (same strides) of the float inputs, requiring grad; ``dtype`` converts q/k/v
+    (or queries/clips)."""
+    out = {}
+    for name, t in args.items():
+        if t is None or not t.is_floating_point():
+            out[name] = t
+            continue
+        t = t.detach().clone()
+        if dtype is not None and name in ("q", "k", "v", "queries", "clips"):
+            t = t.to(dtype)
+        out[name] = t.requires_grad_(True)
+    return out
+
+
+def _attention_run(fn, args: dict, grad_out: torch.Tensor, **kw):
+    """Output and every gradient of ``fn(**args, **kw)``."""
+    x = _leaves(args)
+    out = fn(**x, **kw)
+    names = [n for n in ATTN_GRADS if x.get(n) is not None]
+    grads = torch.autograd.grad(out, [x[n] for n in names], grad_out.to(out.dtype))
+    return out, dict(zip(names, grads))
+
+
+def _check_attention_fp32(backend, args: dict, grad_out: torch.Tensor, **kw) -> None:
+    """Output and every gradient of the CUDA path against the reference, fp32 tolerance."""
+    out, grads = _attention_run(backend.windowed_attention, args, grad_out, **kw)
+    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, **kw)
+    tol = testing.TOLERANCE[torch.float32]
+    testing.assert_close(out, ref, tol, "out")
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
+
+
+# --- windowed_attention --------------------------------------------------------------------------
+
+# (id, B, H, L, D, R, sigma, lengths, cutoff, scale): tiny, odd, exactly one block (64), one past a
+# block, several blocks, head dims on every tile size (32, 64, 128, 256 with 32-row blocks), R = 0
+# and R > L, with and without each optional input.
+ATTN_CASES = [
+    ("tiny", 1, 1, 1, 8, 2, True, None, None, None),
+    ("odd", 2, 3, 7, 5, 3, True, "ragged", None, None),
+    ("block", 2, 2, 64, 32, 4, True, "ragged", 2.0, None),
+    ("block+1", 2, 2, 65, 16, 1, True, "ragged", None, 0.7),
+    ("plain", 2, 2, 65, 20, None, False, None, None, None),
+    ("bias-only", 1, 2, 33, 64, 0, False, "full", None, None),
+    ("R>L", 2, 1, 9, 12, 20, True, "ragged", 1.5, None),
+    ("3-blocks", 1, 2, 130, 64, 5, True, "ragged", 1.0, None),
+    ("D=100", 1, 1, 70, 100, 3, True, "ragged", None, None),
+    ("D=256", 1, 1, 40, 256, 2, True, "ragged", 3.0, None),
+    ("D=130", 2, 1, 33, 130, 2, True, None, None, None),
+]
+
+
+def _attention_args(backend, B, H, L, D, R, sigma, lengths, *, dtype=torch.float32, noncontiguous=False, seed=0):
+    return testing.attention_inputs(B, H, L, D, R=R, sigma=sigma, lengths=lengths, dtype=dtype,
+                                    device=backend.device, noncontiguous=noncontiguous, seed=seed)
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
+def test_windowed_attention_fp32(backend, case):
+    _, B, H, L, D, R, sigma, lengths, cutoff, scale = case
+    args = _attention_args(backend, B, H, L, D, R, sigma, lengths, seed=L + D)
+    grad_out = torch.randn(B, H, L, D, device=backend.device)
+    _check_attention_fp32(backend, args, grad_out, cutoff=cutoff, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", [ATTN_CASES[2], ATTN_CASES[7]], ids=["block", "3-blocks"])
+def test_windowed_attention_low_precision(backend, case, dtype):
+    _, B, H, L, D, R, sigma, lengths, cutoff, scale = case
+    args = _attention_args(backend, B, H, L, D, R, sigma, lengths, seed=3)
+    low = _leaves(args, dtype)
+    grad_out = torch.randn(B, H, L, D, device=backend.device)
+    out, grads = _attention_run(backend.windowed_attention, low, grad_out, cutoff=cutoff)
+    ref_low, ref_low_grads = _attention_run(windowed_attention_ref, low, grad_out, cutoff=cutoff)
+    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=cutoff)
+    assert out.dtype == dtype and grads["q"].dtype == dtype
+    floor = testing.TOLERANCE[dtype]
+    testing.compare_low_precision(out, ref_low, ref, "out", atol=floor)
+    for name in ref_grads:
+        testing.compare_low_precision(grads[name], ref_low_grads[name], ref_grads[name], f"grad {name}",
+                                      atol=_scaled_tol(floor, ref_grads[name]))
+
+
+def test_windowed_attention_noncontiguous(backend):
+    B, H, L, D = 2, 2, 40, 24
+    args = _attention_args(backend, B, H, L, D, 3, True, "ragged", noncontiguous=True, seed=5)
+    assert not args["q"].is_contiguous()
+    grad_out = torch.randn(B, H, D, L, device=backend.device).transpose(-1, -2)  # non-contiguous too
+    _check_attention_fp32(backend, args, grad_out, cutoff=2.5)
+    # A stride-0 gradient (the backward of out.sum()) is read correctly as well.
+    x, y = _leaves(args), _leaves(args)
+    backend.windowed_attention(**x).sum().backward()
+    windowed_attention_ref(**y).sum().backward()
+    testing.assert_close(x["q"].grad, y["q"].grad, _scaled_tol(testing.TOLERANCE[torch.float32], y["q"].grad),
+                         "grad q of out.sum()")
+
+
+def test_windowed_attention_long_sequence_window(backend):
+    """Key blocks outside the cutoff window are skipped; rows of very different widths share a block."""
+    L = 3000 if backend.name == "gpu" else 520
+    args = _attention_args(backend, 1, 2, L, 16, 4, True, "ragged", seed=11)
+    g = testing.make_generator(11)
+    sigma = 1.0 + 3.0 * torch.rand(1, 2, L, generator=g)
+    sigma[0, 1, 7] = 40.0  # one wide row widens its whole query block
+    args["sigma"] = sigma.to(backend.device)
+    args["lengths"] = torch.tensor([L - 3], device=backend.device)
+    grad_out = torch.randn(1, 2, L, 16, device=backend.device)
+    _check_attention_fp32(backend, args, grad_out, cutoff=3.0)
+
+
+@pytest.mark.parametrize("L, sigma", [(130, 1.0), (129, 2.0), (200, 64.0)], ids=["w1", "w2", "w64"])
+def test_windowed_attention_window_edges(backend, L, sigma):
+    """cutoff * sigma an exact integer: windows end exactly on key-block boundaries (blocks of 64),
+    where an off-by-one in the key range or the block skipping would drop a key."""
+    args = _attention_args(backend, 1, 2, L, 16, 2, True, None, seed=L)
+    args["sigma"] = torch.full((1, 2, L), sigma, device=backend.device)
+    grad_out = torch.randn(1, 2, L, 16, device=backend.device)
+    _check_attention_fp32(backend, args, grad_out, cutoff=1.0)
+
+
+def test_windowed_attention_padded_rows(backend):
+    args = _attention_args(backend, 3, 2, 20, 8, 2, True, None, seed=12)
+    args["lengths"] = torch.tensor([20, 1, 7], device=backend.device)
+    x = _leaves(args)
+    out = backend.windowed_attention(**x, cutoff=0.8)
+    (out * torch.randn_like(out)).sum().backward()
+    assert torch.isfinite(out).all()
+    for b, n in enumerate(args["lengths"].tolist()):
+        assert torch.all(out[b, :, n:] == 0)
+        for name in ("q", "k", "v", "sigma"):
+            assert torch.all(x[name].grad[b, :, n:] == 0), name
+    assert torch.isfinite(x["rel_bias"].grad).all()
+
+
+def test_windowed_attention_deterministic(backend, monkeypatch):
+    monkeypatch.setenv("KDC_DETERMINISTIC", "1")
+    args = _attention_args(backend, 2, 2, 70, 32, 6, True, "ragged", seed=13)
+    grad_out = torch.randn(2, 2, 70, 32, device=backend.device)
+    first = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.0)
+    second = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.0)
+    assert torch.equal(first[0], second[0])
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), f"grad {name} differs between runs"
+
+
+def test_windowed_attention_opcheck_and_compile(backend):
+    args = _attention_args(backend, 2, 2, 9, 8, 2, True, "ragged", seed=14)
+    x = _leaves(args)
+    torch.library.opcheck(torch.ops.kdc.cuda_windowed_attention_fwd.default,
+                          (x["q"], x["k"], x["v"], x["rel_bias"], x["sigma"], x["lengths"], 0.35, 1.5))
+    compiled = torch.compile(wa_cuda.windowed_attention_cuda, fullgraph=True,
+                             backend="aot_eager" if backend.emulated else "inductor")
+    out = compiled(**x, cutoff=1.5)
+    out.sum().backward()
+    y = _leaves(args)
+    ref = windowed_attention_ref(**y, cutoff=1.5)
+    ref.sum().backward()
+    tol = testing.TOLERANCE[torch.float32]
+    testing.assert_close(out, ref, tol, "compiled out")
+    testing.assert_close(x["sigma"].grad, y["sigma"].grad, _scaled_tol(tol, y["sigma"].grad), "compiled grad sigma")
+
+
+def test_windowed_attention_binding_errors(backend):
+    q = torch.randn(1, 1, 4, 300, device=backend.device)
+    with pytest.raises(RuntimeError, match="D <= 256"):
+        torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, None, None, None, 0.1, None)
+    q = torch.randn(1, 2, 4, 8, device=backend.device)
+    with pytest.raises(RuntimeError, match="rel_bias must have shape"):
+        torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, torch.zeros(2, 4, device=backend.device), None, None, 0.1,
+                                                  None)
+    with pytest.raises(RuntimeError, match="k must have the same dtype"):
+        torch.ops.kdc.cuda_windowed_attention_fwd(q, q.half(), q, None, None, None, 0.1, None)
+    with pytest.raises(RuntimeError, match="cutoff needs sigma"):
+        torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, None, None, None, 0.1, 2.0)
+
+
+def test_sanitizer_windowed_attention(backend):
+    for dtype in (torch.float32, torch.bfloat16):
+        args = _leaves(_attention_args(backend, 2, 2, 67, 40, 3, True, "ragged", seed=15), dtype)
+        out = backend.windowed_attention(**args, cutoff=2.0)
+        out.backward(torch.randn_like(out))
+        assert torch.isfinite(out).all() and torch.isfinite(args["q"].grad).all()
+
+
+# --- max_similarity ------------------------------------------------------------------------------
+
+# (id, Nq, Nv, L, D, lengths): tiny, odd, the 32-clip tile (L <= 32), exactly one tile of queries
+# and clips (64), one past both, D beyond a few chunks, several video groups per query tile.
+MS_CASES = [
+    ("tiny", 1, 1, 1, 1, None),
+    ("odd", 5, 3, 7, 9, "ragged"),
+    ("L=32", 37, 9, 32, 40, "ragged"),
+    ("tile", 64, 4, 64, 32, "ragged"),
+    ("tile+1", 65, 5, 65, 33, "ragged"),
+    ("long-D", 3, 2, 130, 300, "full"),
+    ("many-videos", 20, 21, 5, 16, "ragged"),
+]
+
+
+def _similarity_args(backend, nq, nv, L, D, lengths, *, dtype=torch.float32, noncontiguous=False, seed=0):
+    args = testing.similarity_inputs(nq, nv, L, D, lengths=lengths, dtype=dtype, device=backend.device,
+                                     noncontiguous=noncontiguous, seed=seed)
+    queries, clips = testing.with_argmax_ties(args["queries"], args["clips"], args["lengths"], seed=seed)
+    if noncontiguous:  # keep the strides of the factory
+        args["queries"].copy_(queries)
+        args["clips"].copy_(clips)
+    else:
+        args.update(queries=queries, clips=clips)
+    return args
+
+
+def _similarity_run(fn, args: dict, grad: torch.Tensor, normalize: bool):
+    x = _leaves(args)
+    score, index = fn(**x, normalize=normalize, return_index=True)
+    gq, gc = torch.autograd.grad(score, [x["queries"], x["clips"]], grad)
+    return score, index, gq, gc
+
+
+def _reference_sims(args: dict, normalize: bool):
+    """(n, v, l) -> the reference's similarity, for the tie-aware index check."""
+    q, c = args["queries"].detach().double(), args["clips"].detach().double()
+    if normalize:
+        q = torch.nn.functional.normalize(q, dim=-1, eps=1e-12)
+        c = torch.nn.functional.normalize(c, dim=-1, eps=1e-12)
+    return lambda n, v, l: float(q[n] @ c[v, l])
+
+
+def _grads_at_index(args: dict, index: torch.Tensor, grad: torch.Tensor, normalize: bool):
+    """The contract's gradient, in fp64, for a given argmax: d score[n, v] reaches only q_n and
+    c_{v, index[n, v]} (through the normalisation). Independent of how near-ties were resolved."""
+    q = args["queries"].detach().double().requires_grad_(True)
+    c = args["clips"].detach().double().requires_grad_(True)
+    qn = torch.nn.functional.normalize(q, dim=-1, eps=1e-12) if normalize else q
+    cn = torch.nn.functional.normalize(c, dim=-1, eps=1e-12) if normalize else c
+    chosen = cn[torch.arange(c.shape[0], device=c.device)[None, :], index]  # [Nq, Nv, D]
+    score = torch.einsum("nd,nvd->nv", qn, chosen)
+    return torch.autograd.grad(score, [q, c], grad.double())
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+@pytest.mark.parametrize("case", MS_CASES, ids=[c[0] for c in MS_CASES])
+def test_max_similarity_fp32(backend, case, normalize):
+    _, nq, nv, L, D, lengths = case
+    args = _similarity_args(backend, nq, nv, L, D, lengths, seed=nq + L)
+    grad = torch.randn(nq, nv, device=backend.device)
+    score, index, gq, gc = _similarity_run(backend.max_similarity, args, grad, normalize)
+    ref, ref_index, _, _ = _similarity_run(max_similarity_ref, args, grad, normalize)
+    tol = testing.TOLERANCE[torch.float32]
+    assert score.dtype == torch.float32 and index.dtype == torch.int64
+    testing.assert_close(score, ref, _scaled_tol(tol, ref), "score")
+    testing.assert_argmax_valid(index, ref_index, _reference_sims(args, normalize), args["clips"],
+                                _scaled_tol(tol, ref))
+    want_gq, want_gc = _grads_at_index(args, index, grad, normalize)
+    testing.assert_close(gq, want_gq, _scaled_tol(tol, want_gq), "grad queries")
+    testing.assert_close(gc, want_gc, _scaled_tol(tol, want_gc), "grad clips")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_max_similarity_low_precision(backend, dtype):
+    args = _similarity_args(backend, 65, 6, 70, 48, "ragged", seed=21)
+    low = _leaves(args, dtype)
+    grad = torch.randn(65, 6, device=backend.device)
+    score, index, gq, gc = _similarity_run(backend.max_similarity, low, grad, True)
+    ref_low, ref_low_index, _, _ = _similarity_run(max_similarity_ref, low, grad, True)
+    ref, _, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
+    assert score.dtype == torch.float32 and gq.dtype == dtype and gc.dtype == dtype
+    testing.compare_low_precision(score, ref_low, ref, "score", atol=1e-4)
+    # Same (low-precision) inputs, fp32 math on both sides: the argmax follows the same rule.
+    testing.assert_argmax_valid(index, ref_low_index, _reference_sims(low, True), low["clips"], 1e-5)
+    # fp32 accumulation, one rounding to the dtype at the end: within the dtype's tolerance.
+    want_gq, want_gc = _grads_at_index(low, index, grad, True)
+    floor = testing.TOLERANCE[dtype]
+    testing.assert_close(gq.float(), want_gq, _scaled_tol(floor, want_gq), "grad queries")
+    testing.assert_close(gc.float(), want_gc, _scaled_tol(floor, want_gc), "grad clips")
+
+
+def test_max_similarity_noncontiguous_and_zero_vectors(backend):
+    args = _similarity_args(backend, 33, 5, 20, 24, "ragged", noncontiguous=True, seed=22)
+    assert not args["clips"].is_contiguous()
+    with torch.no_grad():
+        args["queries"][3] = 0  # norm below eps: the clamped branch of the normalisation
+        args["clips"][2, 0] = 0
+    grad = torch.randn(5, 33, device=backend.device).t()  # non-contiguous gradient
+    score, index, gq, gc = _similarity_run(backend.max_similarity, args, grad, True)
+    ref, ref_index, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
+    tol = testing.TOLERANCE[torch.float32]
+    testing.assert_close(score, ref, tol, "score")
+    testing.assert_argmax_valid(index, ref_index, _reference_sims(args, True), args["clips"], tol)
+    want_gq, want_gc = _grads_at_index(args, index, grad, True)
+    testing.assert_close(gq, want_gq, _scaled_tol(tol, want_gq), "grad queries")
+    testing.assert_close(gc, want_gc, _scaled_tol(tol, want_gc), "grad clips")
+
+
+def test_max_similarity_deterministic(backend, monkeypatch):
+    monkeypatch.setenv("KDC_DETERMINISTIC", "1")
+    args = _similarity_args(backend, 70, 12, 40, 32, "ragged", seed=23)
+    grad = torch.randn(70, 12, device=backend.device)
+    first = _similarity_run(backend.max_similarity, args, grad, True)
+    second = _similarity_run(backend.max_similarity, args, grad, True)
+    for a, b, name in zip(first, second, ("score", "index", "grad queries", "grad clips")):
+        assert torch.equal(a, b), f"{name} differs between runs"
+
+
+def test_max_similarity_opcheck_and_compile(backend):
+    args = _leaves(_similarity_args(backend, 9, 4, 6, 8, "ragged", seed=24))
+    for normalize in (True, False):
+        torch.library.opcheck(torch.ops.kdc.cuda_max_similarity_fwd.default,
+                              (args["queries"], args["clips"], args["lengths"], normalize))
+    torch.library.opcheck(torch.ops.kdc.cuda_max_similarity_topk.default,
+                          (args["queries"].detach(), args["clips"].detach(), args["lengths"], 3, True))
+    compiled = torch.compile(ms_cuda.max_similarity_cuda, fullgraph=True,
+                             backend="aot_eager" if backend.emulated else "inductor")
+    score = compiled(**args, normalize=True)
+    score.sum().backward()
+    ref_args = _leaves(args)
+    ref = max_similarity_ref(**ref_args, normalize=True)
+    ref.sum().backward()
+    tol = testing.TOLERANCE[torch.float32]
+    testing.assert_close(score, ref, tol, "compiled score")
+    testing.assert_close(args["clips"].grad, ref_args["clips"].grad, _scaled_tol(tol, ref_args["clips"].grad),
+                         "compiled grad clips")
+
+
+def test_max_similarity_binding_errors(backend):
+    q = torch.randn(4, 8, device=backend.device)
+    with pytest.raises(RuntimeError, match="embedding size D"):
+        torch.ops.kdc.cuda_max_similarity_fwd(q, torch.randn(2, 3, 5, device=backend.device), None, True)
+    with pytest.raises(RuntimeError, match="k must lie in"):
+        torch.ops.kdc.cuda_max_similarity_topk(q, torch.randn(2, 3, 8, device=backend.device), None, 3, True)
+    with pytest.raises(RuntimeError, match="lengths must have shape"):
+        torch.ops.kdc.cuda_max_similarity_fwd(q, torch.randn(2, 3, 8, device=backend.device),
+                                              torch.tensor([1, 2, 3], device=backend.device), True)
+
+
+def test_sanitizer_max_similarity(backend):
+    for dtype in (torch.float32, torch.bfloat16):
+        args = _leaves(_similarity_args(backend, 67, 5, 33, 40, "ragged", seed=25), dtype)
+        score = backend.max_similarity(**args)
+        score.backward(torch.randn_like(score))
+        assert torch.isfinite(score).all() and torch.isfinite(args["clips"].grad).all()
+
+
+# --- max_similarity_topk -------------------------------------------------------------------------
+
+# (id, Nq, Nv, L, D, k): k = 1, k = Nv, k > 128 over two video splits (256 videos each), an odd
+# clip count, k = Nv over two splits.
+TOPK_CASES = [
+    ("k=1", 3, 1, 1, 4, 1),
+    ("k=Nv", 7, 5, 9, 16, 5),
+    ("k>128", 33, 300, 6, 16, 130),
+    ("k=1-splits", 20, 300, 4, 8, 1),
+    ("L=33", 70, 40, 33, 24, 40),
+    ("k=Nv-splits", 5, 260, 3, 8, 260),
+]
+
+
+def _topk_check(backend, args: dict, k: int, normalize: bool, atol: float):
+    scores, videos = backend.max_similarity_topk(**args, k=k, normalize=normalize)
+    ref_scores, ref_videos = max_similarity_topk_ref(**args, k=k, normalize=normalize)
+    full = max_similarity_ref(args["queries"], args["clips"], args["lengths"], normalize=normalize)
+    clips, lengths = args["clips"], args["lengths"]
+
+    def same_video(a: int, b: int) -> bool:
+        same_length = lengths is None or int(lengths[a]) == int(lengths[b])
+        return same_length and torch.equal(clips[a], clips[b])
+
+    assert scores.dtype == torch.float32 and videos.dtype == torch.int64 and scores.shape == (args["queries"].shape[0], k)
+    testing.assert_topk_valid(scores, videos, ref_scores, ref_videos, full, same_video, atol)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+@pytest.mark.parametrize("case", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+def test_max_similarity_topk(backend, case, normalize):
+    _, nq, nv, L, D, k = case
+    lengths = None if nv >= 256 else "ragged"  # video copies with equal lengths: exact top-k ties
+    args = _similarity_args(backend, nq, nv, L, D, lengths, seed=nv + k)
+    if nv >= 260:  # an identical pair across the two splits
+        args["clips"][257] = args["clips"][3]
+    _topk_check(backend, args, k, normalize, _scaled_tol(testing.TOLERANCE[torch.float32], args["queries"]))
+
+
+@pytest.mark.parametrize("round_splits, workspace", [(1, None), (2, None), (1, 4096)],
+                         ids=["3-rounds", "2-rounds", "3-rounds-query-chunks"])
+def test_max_similarity_topk_rounds_and_chunks(backend, monkeypatch, round_splits, workspace):
+    """The merge rounds (ping-pong between the output and the running list) and query chunks that
+    large corpora need, forced on a small problem with the test hooks."""
+    monkeypatch.setenv("KDC_TOPK_ROUND_SPLITS", str(round_splits))
+    if workspace is not None:
+        monkeypatch.setenv("KDC_TOPK_WORKSPACE_BYTES", str(workspace))
+    args = _similarity_args(backend, 70, 530, 3, 8, None, seed=31)
+    args["clips"][520] = args["clips"][9]
+    _topk_check(backend, args, 50, True, testing.TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
+def test_max_similarity_topk_low_precision(backend, dtype):
+    args = _leaves(_similarity_args(backend, 40, 50, 20, 32, "ragged", seed=32), dtype)
+    args = {n: (t.detach() if t is not None else None) for n, t in args.items()}
+    # Same low-precision inputs on both sides, fp32 math: only summation order differs.
+    _topk_check(backend, args, 20, True, 1e-5)
+
+
+def test_sanitizer_topk(backend):
+    for dtype in (torch.float32, torch.bfloat16):
+        args = _similarity_args(backend, 33, 270, 5, 24, "ragged", dtype=dtype, seed=33)
+        scores, videos = backend.max_similarity_topk(**args, k=140)
+        assert torch.isfinite(scores).all() and int(videos.min()) >= 0
+
+
+# --- without a GPU or the extension --------------------------------------------------------------
+
+
+def test_unsupported_reasons_on_meta_tensors():
+    q = torch.empty(2, 2, 8, 300, device="meta")
+    reasons = wa_cuda.windowed_attention_unsupported(q, q, q)
+    assert any("D <= 256" in r for r in reasons)
+    assert wa_cuda.windowed_attention_unsupported(q[..., :64], q[..., :64], q[..., :64]) == []
+    queries = torch.empty(8, 4096, device="meta", requires_grad=True)
+    clips = torch.empty(3, 5, 4096, device="meta")
+    assert any("D <= 2048" in r for r in ms_cuda.max_similarity_unsupported(queries, clips))
+    assert ms_cuda.max_similarity_topk_unsupported(queries.detach(), clips, k=2) == []
+
+
+def test_fake_tensors_without_the_extension():
+    """The ops exist with their fakes even where the library is not built."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 8, dtype=torch.bfloat16)
+        out, lse = torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, torch.empty(3, 5), torch.empty(2, 3, 5),
+                                                             None, 0.3, 2.0)
+        grads = torch.ops.kdc.cuda_windowed_attention_bwd(out, q, q, q, None, torch.empty(2, 3, 5), None, out, lse,
+                                                          0.3, 2.0)
+        score, index, qn, cn = torch.ops.kdc.cuda_max_similarity_fwd(torch.empty(4, 8), torch.empty(3, 5, 8), None,
+                                                                     True)
+        scores, videos = torch.ops.kdc.cuda_max_similarity_topk(torch.empty(4, 8), torch.empty(3, 5, 8), None, 2,
+                                                                False)
+    assert (out.shape, out.dtype, lse.shape, lse.dtype) == ((2, 3, 5, 8), torch.bfloat16, (2, 3, 5), torch.float32)
+    assert [tuple(g.shape) for g in grads] == [(2, 3, 5, 8)] * 3 + [(0,), (2, 3, 5)]
+    assert (score.shape, index.dtype, qn.shape, cn.shape) == ((4, 3), torch.int64, (4,), (3, 5))
+    assert (scores.shape, videos.dtype) == ((4, 2), torch.int64)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-only torch message")
+def test_cuda_impl_on_cpu_torch_names_the_reasons():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(NotImplementedError, match="compiled extension is not loaded.*CPU-only"):
+        K.windowed_attention(q, q, q, impl="cuda")
+    assert not _ext.has_op("windowed_attention")
+    assert math.isclose(float(K.windowed_attention(q, q, q).sum()), float(windowed_attention_ref(q, q, q).sum()))
