@@ -69,6 +69,7 @@ class LossConfig:
     distill: bool = True  # knowledge-refined distillation on the inheritance branch
     krd_window: int = 3  # temporal-continuity box window (odd); 1 = no refinement
     krd_segment: bool = True  # segment-aware frame-level KL
+    krd_segment_reduction: str = "sum"  # sum (over queries) | mean
     krd_objective: bool = True  # objective-aligned score-level KL
     kd_temperature: float = 0.2
     kd_weight: float = 0.1  # lambda(0)
@@ -176,6 +177,8 @@ def validate(cfg: Config) -> Config:
     _check(lo.margin >= 0, "loss.margin", ">= 0", lo.margin)
     _check(lo.nce_weight >= 0, "loss.nce_weight", ">= 0", lo.nce_weight)
     _check(lo.krd_window >= 1 and lo.krd_window % 2 == 1, "loss.krd_window", "an odd int >= 1", lo.krd_window)
+    _check(lo.krd_segment_reduction in ("sum", "mean"), "loss.krd_segment_reduction", "sum or mean",
+           lo.krd_segment_reduction)
     _check(lo.kd_temperature > 0, "loss.kd_temperature", "> 0", lo.kd_temperature)
     _check(lo.kd_weight >= 0, "loss.kd_weight", ">= 0", lo.kd_weight)
     _check(0 < lo.kd_decay <= 1, "loss.kd_decay", "in (0, 1]", lo.kd_decay)

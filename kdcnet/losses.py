@@ -129,11 +129,12 @@ def _kl_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor, dim: in
 
 
 def segment_kl(teacher_curve: torch.Tensor, student_curve: torch.Tensor, valid: torch.Tensor,
-               temperature: float) -> torch.Tensor:
-    """Segment-aware KL summed over queries: curves ``[Nq, L]``, ``valid [Nq, L]`` bool."""
+               temperature: float, reduction: str = "sum") -> torch.Tensor:
+    """Segment-aware KL summed (or averaged) over queries: curves ``[Nq, L]``, ``valid [Nq, L]`` bool."""
     t = (teacher_curve / temperature).masked_fill(~valid, float("-inf"))
     s = (student_curve / temperature).masked_fill(~valid, float("-inf"))
-    return _kl_rows(t, s, dim=1).sum()
+    per_query = _kl_rows(t, s, dim=1)
+    return per_query.sum() if reduction == "sum" else per_query.mean()
 
 
 def objective_kl(teacher_scores: torch.Tensor, student_scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -158,7 +159,7 @@ def distillation_losses(cfg: LossConfig, batch, queries: torch.Tensor, frames: t
         student_curve = torch.einsum("nd,nld->nl", F.normalize(queries.float(), dim=-1),
                                      F.normalize(frames.float(), dim=-1)[qv])
         valid = length_mask(lengths[qv], frames.shape[1])
-        kl_seg = segment_kl(teacher_curve, student_curve, valid, cfg.kd_temperature)
+        kl_seg = segment_kl(teacher_curve, student_curve, valid, cfg.kd_temperature, cfg.krd_segment_reduction)
     if cfg.krd_objective:
         with torch.no_grad():
             teacher_scores = max_similarity(cq, refined, lengths, normalize=False, impl=impl)

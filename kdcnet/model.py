@@ -75,14 +75,26 @@ class HierarchicalSemanticAggregation(nn.Module):
 
     def forward(self, h0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask[..., None].to(h0.dtype)  # [N, L, 1]
-        x = (h0 * m).transpose(1, 2)  # [N, d, L]
-        # 'same' padding, explicit so even kernels need no warning: k - 1 zeros, the extra one on the right.
-        phrases = torch.stack([F.relu(conv(F.pad(x, ((k - 1) // 2, k // 2)))).transpose(1, 2) * m
-                               for k, conv in zip(self.scales, self.convs)], dim=1)  # [N, K, L, d]
-        count = m.sum(dim=1)[:, None]  # [N, 1, 1]
-        pooled = phrases.sum(dim=2) / count  # [N, K, d]: masked mean
+        x = h0 * m
+        N, L, d = x.shape
+        # All scales' convolutions as one GEMM (CPU conv1d is far slower): project every token by
+        # every tap W_{k,t}, then shift-and-add the taps ('same' padding: (k-1)//2 zeros on the
+        # left, k//2 on the right; the extra one of an even kernel goes right).
+        taps = torch.cat([conv.weight.permute(2, 0, 1).reshape(-1, d) for conv in self.convs])  # [sum_k k*d, d]
+        proj = (x @ taps.T).view(N, L, -1, d)  # [N, L, sum_k k, d]
+        phrases, tap = [], 0
+        for k, conv in zip(self.scales, self.convs):
+            left = (k - 1) // 2
+            out = conv.bias.expand(N, L, d)
+            for t in range(k):
+                shift = t - left  # output i reads input i + shift
+                src = proj[:, max(0, shift): L + min(0, shift), tap + t]
+                out = out + F.pad(src, (0, 0, max(0, -shift), max(0, shift)))
+            phrases.append(F.relu(out) * m)  # P_k [N, L, d]
+            tap += k
+        pooled = torch.stack([p.sum(dim=1) for p in phrases], dim=1) / m.sum(dim=1)[:, None]  # [N, K, d]
         alpha = torch.softmax(self.gate_out(torch.tanh(self.gate_hidden(pooled))).squeeze(-1), dim=1)  # [N, K]
-        return h0 + (alpha[:, :, None, None] * phrases).sum(dim=1)
+        return h0 + sum(alpha[:, i, None, None] * p for i, p in enumerate(phrases))
 
 
 class TextEncoder(nn.Module):

@@ -317,24 +317,20 @@ def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, e
 def load_model(cfg: C.Config, run_dir: Path, device: torch.device, checkpoint: str = "best.pt") -> KDCNet:
     path = run_dir / checkpoint
     if not path.is_file():
-        path = run_dir / "last.pt"
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: no checkpoint (best.pt or last.pt); is this a run folder?")
+        raise ValueError(f"{run_dir}: no checkpoint {checkpoint}; is this a run folder of kdcnet train?")
     model = KDCNet(cfg).to(device)
     model.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
     return model
 
 
 def evaluate_checkpoint(cfg: C.Config, run_dir: Path, split: str, device: torch.device, *, model: KDCNet | None = None,
-                        out=print) -> dict:
-    """Load ``best.pt`` of ``run_dir`` (into ``model`` if given), evaluate ``split``, print the table,
-    save ``<split>_metrics.json`` and the M/V-bin and window-width plots; return the metrics."""
+                        checkpoint: str = "best.pt", out=print) -> dict:
+    """Load ``checkpoint`` of ``run_dir`` (into ``model`` if given), evaluate ``split``, print the
+    table, save ``<split>_metrics.json`` and the M/V-bin and window-width plots; return the metrics."""
     if model is None:
-        model = load_model(cfg, run_dir, device)
-    else:
-        best = run_dir / "best.pt"
-        if best.is_file():
-            model.load_state_dict(torch.load(best, map_location=device, weights_only=False)["model"])
+        model = load_model(cfg, run_dir, device, checkpoint)
+    elif (run_dir / checkpoint).is_file():
+        model.load_state_dict(torch.load(run_dir / checkpoint, map_location=device, weights_only=False)["model"])
     dataset = E.open_split(cfg, split)
     result, widths = E.evaluate(model, dataset, cfg, device, return_widths=True)
     result["window_widths"] = {name: None if w is None else {"median": float(w.median()), "mean": float(w.mean())}
