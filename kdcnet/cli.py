@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -201,19 +200,18 @@ def cmd_eval(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    log = logging.getLogger("kdcnet")
-    log.setLevel(logging.INFO)
-    if args.command != "train" and not log.handlers:  # train logs through its run folder's handlers
-        log.addHandler(logging.StreamHandler(sys.stderr))
-    try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "eval":
-            return cmd_eval(args)
-        from .synthetic import run_make_synthetic
+    from .trainer import console_logging
 
-        return run_make_synthetic(args)
-    except (ValueError, NotImplementedError, FileNotFoundError) as err:
+    try:
+        with console_logging():
+            if args.command == "train":
+                return cmd_train(args)
+            if args.command == "eval":
+                return cmd_eval(args)
+            from .synthetic import run_make_synthetic
+
+            return run_make_synthetic(args)
+    except (ValueError, NotImplementedError, OSError) as err:
         message = " ".join(str(err).split())
         print(f"kdcnet {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     bf16: bool = True  # bf16 autocast on CUDA (never on CPU)
     threads: int | None = None  # torch CPU threads; None: torch's default
+    plots: bool = True  # PNG plots in the run folder (needs matplotlib)
 
 
 @dataclass

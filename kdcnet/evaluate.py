@@ -161,11 +161,7 @@ def moment_ratios(collection) -> list[float] | None:
     """M/V ratio of every caption (NaN when it has no moment), or None without a moments file."""
     if not collection.moments:
         return None
-    out = []
-    for cap in collection.cap_ids:
-        m = collection.moments.get(cap)
-        out.append((m.end - m.start) / m.duration if m is not None and m.duration > 0 else math.nan)
-    return out
+    return [m.ratio if m is not None else math.nan for m in map(collection.moments.get, collection.cap_ids)]
 
 
 def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, return_widths: bool = False):

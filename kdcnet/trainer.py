@@ -24,6 +24,7 @@ exactly the metrics and parameters of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -119,20 +120,32 @@ def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
     return factor
 
 
-class RunLog:
-    """The log file + console handler, ``metrics.jsonl`` and optional TensorBoard of one run."""
+@contextlib.contextmanager
+def console_logging(enabled: bool = True):
+    """Show kdcnet's log on stderr for the duration (no-op when a console handler is attached)."""
+    attached = any(type(h) is logging.StreamHandler for h in log.handlers)
+    handler = None
+    if enabled and not attached:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
 
-    def __init__(self, run_dir: Path, console: bool = True) -> None:
+
+class RunLog:
+    """The run's log file, ``metrics.jsonl`` and optional TensorBoard events."""
+
+    def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-        self.handlers = [logging.FileHandler(run_dir / "train.log")]
-        if console:
-            self.handlers.append(logging.StreamHandler(sys.stderr))
-        for h in self.handlers:
-            h.setFormatter(fmt)
-            log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        self.handler = logging.FileHandler(run_dir / "train.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(self.handler)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -158,9 +171,8 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        for h in self.handlers:
-            log.removeHandler(h)
-            h.close()
+        log.removeHandler(self.handler)
+        self.handler.close()
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -202,8 +214,6 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
     run's ``config.json``; see :func:`resume_config`). ``on_epoch_end(epoch, record)`` is called
     after each epoch's checkpoint is written. ``progress``: tqdm bars (None: only on a terminal).
     """
-    from .data import num_train_batches, train_batches
-
     C.validate(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if resume and not (run_dir / "last.pt").is_file():
@@ -211,72 +221,79 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
     if not resume and (run_dir / "last.pt").exists():
         raise ValueError(f"--run-dir {run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
                          f"or choose another folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runlog = RunLog(run_dir, console)
-    try:
+    with console_logging(console):
         device = resolve_device(cfg.train.device)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        seed_everything(cfg.train.seed)
-        t = cfg.train
-        train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)
+        train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)  # bad data fails before the run folder
         val_set = E.open_split(cfg, cfg.data.val_split)
-        if not resume:
-            cfg = _prepare_run(cfg, run_dir, train_set)
-        log.info("run folder %s; device %s; %s: %d train videos / %d captions, %d val videos / %d captions",
-                 run_dir, device, train_set.collection, len(train_set.video_ids), len(train_set.cap_ids),
-                 len(val_set.video_ids), len(val_set.cap_ids))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runlog = RunLog(run_dir)
+        try:
+            return _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end)
+        finally:
+            runlog.close()
 
-        model = KDCNet(cfg).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        steps_per_epoch = num_train_batches(train_set, t.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(t.epochs * steps_per_epoch, t.warmup))
-        state = {"epoch": -1, "step": 0, "best_sumr": -math.inf, "best_epoch": -1, "bad_epochs": 0,
-                 "stopped": False, "history": []}
-        if resume:
-            ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            state = ckpt["state"]
-            set_rng_state(ckpt["rng"])
-            runlog.rewrite_metrics(state["history"])
-            log.info("resumed from %s after epoch %d (step %d)", run_dir / "last.pt", state["epoch"] + 1, state["step"])
+
+def _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end) -> dict:
+    from .data import num_train_batches, train_batches
+
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    seed_everything(t.seed)
+    if not resume:
+        cfg = _prepare_run(cfg, run_dir, train_set)
+    log.info("run folder %s; device %s; %s: %d train videos / %d captions, %d val videos / %d captions",
+             run_dir, device, train_set.collection, len(train_set.video_ids), len(train_set.cap_ids),
+             len(val_set.video_ids), len(val_set.cap_ids))
+    model = KDCNet(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = num_train_batches(train_set, t.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(t.epochs * steps_per_epoch, t.warmup))
+    state = {"epoch": -1, "step": 0, "best_sumr": -math.inf, "best_epoch": -1, "bad_epochs": 0,
+             "stopped": False, "history": []}
+    if resume:
+        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        set_rng_state(ckpt["rng"])
+        runlog.rewrite_metrics(state["history"])
+        log.info("resumed from %s after epoch %d (step %d)", run_dir / "last.pt", state["epoch"] + 1, state["step"])
+    else:
+        log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+
+    for epoch in range(state["epoch"] + 1, t.epochs):
+        if state["stopped"]:
+            break
+        record = _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, epoch, state,
+                              train_batches, steps_per_epoch, progress)
+        improved = record["val/SumR"] > state["best_sumr"]
+        if improved:
+            state.update(best_sumr=record["val/SumR"], best_epoch=epoch, bad_epochs=0)
         else:
-            log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+            state["bad_epochs"] += 1
+        state["stopped"] = t.early_stop > 0 and state["bad_epochs"] >= t.early_stop
+        state["epoch"] = epoch
+        state["history"].append(record)
+        runlog.epoch(record)
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
+                "config": C.to_dict(cfg)}
+        if improved:
+            atomic_save(ckpt, run_dir / "best.pt")
+        atomic_save(ckpt, run_dir / "last.pt")
+        log.info("epoch %d/%d  loss %.4f  val SumR %.2f (best %.2f at epoch %d)  %.1f steps/s  %.1fs",
+                 epoch + 1, t.epochs, record["loss/total"], record["val/SumR"], state["best_sumr"],
+                 state["best_epoch"] + 1, record["steps_per_s"], record["seconds"])
+        if state["stopped"]:
+            log.info("early stop: no validation SumR gain for %d epochs", t.early_stop)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
 
-        for epoch in range(state["epoch"] + 1, t.epochs):
-            if state["stopped"]:
-                break
-            record = _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, epoch, state,
-                                  train_batches, steps_per_epoch, progress)
-            improved = record["val/SumR"] > state["best_sumr"]
-            if improved:
-                state.update(best_sumr=record["val/SumR"], best_epoch=epoch, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            state["stopped"] = t.early_stop > 0 and state["bad_epochs"] >= t.early_stop
-            state["epoch"] = epoch
-            state["history"].append(record)
-            runlog.epoch(record)
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
-                    "config": C.to_dict(cfg)}
-            if improved:
-                atomic_save(ckpt, run_dir / "best.pt")
-            atomic_save(ckpt, run_dir / "last.pt")
-            log.info("epoch %d/%d  loss %.4f  val SumR %.2f (best %.2f at epoch %d)  %.1f steps/s  %.1fs",
-                     epoch + 1, t.epochs, record["loss/total"], record["val/SumR"], state["best_sumr"],
-                     state["best_epoch"] + 1, record["steps_per_s"], record["seconds"])
-            if state["stopped"]:
-                log.info("early stop: no validation SumR gain for %d epochs", t.early_stop)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, record)
-
+    if cfg.train.plots:
         plots.training_curves(state["history"], run_dir / "curves.png")
-        return evaluate_checkpoint(cfg, run_dir, cfg.data.test_split, device, model=model)
-    finally:
-        runlog.close()
+    return evaluate_checkpoint(cfg, run_dir, cfg.data.test_split, device, model=model)
 
 
 def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, epoch, state, train_batches,
@@ -338,8 +355,9 @@ def evaluate_checkpoint(cfg: C.Config, run_dir: Path, split: str, device: torch.
     path = E.save_metrics(result, run_dir, split)
     E.report(result, split, out)
     log.info("saved %s", path)
-    plots.bin_recall(result["mv_bins"], run_dir / f"{split}_mv_bins.png")
-    plots.window_widths(widths, run_dir / f"{split}_window_widths.png")
+    if cfg.train.plots:
+        plots.bin_recall(result["mv_bins"], run_dir / f"{split}_mv_bins.png")
+        plots.window_widths(widths, run_dir / f"{split}_window_widths.png")
     return result
 
 

@@ -6,10 +6,7 @@ import torch
 
 from kdcnet.config import preset
 
-try:
-    from kdcnet.data import Batch
-except ImportError:  # the data module lands separately; the tests only need the fields
-    from types import SimpleNamespace as Batch
+from kdcnet.data import Batch
 
 
 def tiny_config(**model):
