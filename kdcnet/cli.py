@@ -15,11 +15,17 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from . import config as C
+# Before torch loads OpenMP: worker threads that spin while they wait make every op several times
+# slower when the cores are shared (a busy laptop, a CI runner: 3-4x measured on 2 cores); letting
+# them sleep costs little otherwise. Set OMP_WAIT_POLICY yourself to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import config as C  # noqa: E402  (no torch import; kept below the environment setting)
 
 ABLATIONS = (
     ("full", ()),

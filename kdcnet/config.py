@@ -124,13 +124,14 @@ def preset(name: str) -> Config:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     cfg = Config(preset=name)
     if name == "synthetic":
-        # Small and fast: trains in about a minute on 2 CPU cores and still learns the task.
-        cfg.model.d = 128
-        cfg.model.dropout = 0.1
+        # Small and fast: about 2 minutes on 2 CPU cores (data generation included), SumR far above
+        # chance; the CLIP-like teacher of the synthetic data does much of the teaching.
+        cfg.model.d = 64
+        cfg.model.dropout = 0.0
         cfg.data.max_frames = 64
-        cfg.train.epochs = 30
-        cfg.train.batch_size = 64
-        cfg.train.lr = 1e-3
+        cfg.train.epochs = 10
+        cfg.train.batch_size = 32
+        cfg.train.lr = 3e-3
         cfg.train.early_stop = 0
         cfg.train.warmup = 0.05
     elif name == "tvr":
