@@ -183,7 +183,7 @@ def run_ablation(cfg: C.Config, run_dir: str | None, progress: bool | None) -> i
               f"{result['num_queries']} queries, {result['num_videos']} videos")
     print(header)
     print(table)
-    (root / "ablation.json").write_text(json.dumps(E._json_ready({"header": header, "rows": rows + [chance]}),
+    (root / "ablation.json").write_text(json.dumps(E.json_ready({"header": header, "rows": rows + [chance]}),
                                                    indent=2) + "\n")
     (root / "ablation.txt").write_text(header + "\n" + table + "\n")
     print(f"saved {root / 'ablation.txt'}")

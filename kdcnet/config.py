@@ -97,7 +97,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 256  # videos (or queries x 4) encoded per forward pass
     video_chunk: int = 1024  # videos scored per chunk when ranking (bounds memory)
-    k: int = 100  # top-k kept per query (R@100 needs 100)
+    k: int = 100  # top-k kept per query (>= 100: R@100 needs it)
 
 
 @dataclass
@@ -159,10 +159,11 @@ def validate(cfg: Config) -> Config:
     for key, value in (("data.max_frames", d.max_frames), ("data.max_tokens", d.max_tokens),
                        ("model.d", m.d), ("model.heads", m.heads), ("loss.hard_negatives", lo.hard_negatives),
                        ("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
-                       ("eval.batch_size", e.batch_size), ("eval.video_chunk", e.video_chunk), ("eval.k", e.k)):
+                       ("eval.batch_size", e.batch_size), ("eval.video_chunk", e.video_chunk)):
         _check(value >= 1, key, "an int >= 1", value)
     for key, value in (("data.val_split", d.val_split), ("data.test_split", d.test_split)):
         _check(value in ("train", "val", "test"), key, "train, val or test", value)
+    _check(e.k >= 100, "eval.k", "an int >= 100 (R@100 needs the top 100)", e.k)
     _check(m.d % m.heads == 0, "model.d", f"divisible by model.heads ({m.heads})", m.d)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
     _check(len(m.hsa_scales) >= 1 and all(k >= 1 for k in m.hsa_scales), "model.hsa_scales",

@@ -115,7 +115,7 @@ def encode_collection(model: KDCNet, collection, cfg: Config, device: torch.devi
                 if name not in queries:
                     queries[name] = torch.zeros(nq, emb[name].shape[-1], dtype=emb[name].dtype, device=device)
                 queries[name][idx] = emb[name]
-    max_len = max(1, int(lengths.max())) if nv else 1
+    max_len = int(lengths.max())
     frames = {name: f[:, :max_len] for name, f in frames.items()}
     if return_widths:
         widths = {name: (torch.cat(w) if w else None) for name, w in widths.items()}
@@ -164,16 +164,18 @@ def moment_ratios(collection) -> list[float] | None:
     return [m.ratio if m is not None else math.nan for m in map(collection.moments.get, collection.cap_ids)]
 
 
-def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, return_widths: bool = False):
-    """Rank every video of ``collection`` for every query; return the metrics dict (JSON-ready):
-    ``R@1, R@5, R@10, R@100, SumR, num_queries, num_videos, chance_SumR, mv_bins, branches``.
+def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, branches: bool = True,
+             return_widths: bool = False):
+    """Rank every video of ``collection`` for every query; return the metrics dict:
+    ``R@1, R@5, R@10, R@100, SumR, num_queries, num_videos, chance_SumR, mv_bins`` (None without a
+    moments file) and, with ``branches``, ``branches`` (each branch's recalls on its own).
     With ``return_widths`` also the DTA window widths: ``(metrics, widths)``."""
-    frames, lengths, queries, widths = encode_collection(model, collection, cfg, device, return_widths=return_widths)
     nv, nq = len(collection.video_ids), len(collection.cap_ids)
     if nv == 0 or nq == 0:
         raise ValueError(f"split {collection.split!r} of {collection.collection!r} has {nv} videos and {nq} "
                          f"captions: nothing to evaluate")
-    k = min(cfg.eval.k, nv)
+    frames, lengths, queries, widths = encode_collection(model, collection, cfg, device, return_widths=return_widths)
+    k = min(cfg.eval.k, nv)  # eval.k >= 100, so every recall below is exact
     targets = torch.as_tensor(collection.cap_video, dtype=torch.int64, device=device)
     impl = cfg.model.impl
     _, top = fused_topk(queries, frames, lengths, cfg.model.fusion_weight, k,
@@ -183,10 +185,11 @@ def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, re
               "chance_SumR": M.chance_metrics(nv)["SumR"]}
     ratios = moment_ratios(collection)
     result["mv_bins"] = M.mv_bin_table(ranks.cpu(), ratios) if ratios is not None else None
-    result["branches"] = {}
-    for name in BRANCHES:
-        _, top_b = max_similarity_topk(queries[name], frames[name], lengths, k, impl=impl)
-        result["branches"][name] = M.recalls_from_ranks(M.ranks_from_topk(top_b, targets, nv))
+    if branches:
+        result["branches"] = {}
+        for name in BRANCHES:
+            _, top_b = max_similarity_topk(queries[name], frames[name], lengths, k, impl=impl)
+            result["branches"][name] = M.recalls_from_ranks(M.ranks_from_topk(top_b, targets, nv))
     if return_widths:
         return result, widths
     return result
@@ -223,16 +226,17 @@ def report(result: dict, split: str, out=print) -> None:
 def save_metrics(result: dict, run_dir: str | os.PathLike, split: str) -> Path:
     path = Path(run_dir) / f"{split}_metrics.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_ready(result), indent=2) + "\n")
+    tmp.write_text(json.dumps(json_ready(result), indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
 
-def _json_ready(x):
+def json_ready(x):
+    """``x`` with NaN floats replaced by None (strict JSON)."""
     if isinstance(x, dict):
-        return {k: _json_ready(v) for k, v in x.items()}
+        return {k: json_ready(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_ready(v) for v in x]
+        return [json_ready(v) for v in x]
     if isinstance(x, (float, np.floating)) and math.isnan(x):
         return None
     return x

@@ -13,7 +13,8 @@ Run folder (``--run-dir``, default ``runs/<preset>-<YYYYmmdd-HHMMSS>``):
 | ``events.out.tfevents.*`` | TensorBoard events (when ``tensorboard`` is installed) |
 | ``last.pt`` / ``best.pt`` | checkpoints after every epoch / at the best validation SumR |
 | ``<split>_metrics.json`` | final evaluation of the best checkpoint |
-| ``curves.png``, ``mv_bins.png``, ``window_widths.png`` | plots (when matplotlib is installed) |
+| ``curves.png`` | each loss term and validation SumR per epoch (when matplotlib is installed) |
+| ``<split>_mv_bins.png``, ``<split>_window_widths.png`` | recall per M/V bin; histogram of the learned DTA window widths |
 
 Checkpoints hold the model, optimizer, scheduler, epoch, step, torch/numpy/python RNG states,
 early-stopping state and history, and are written atomically (temp file, then ``os.replace``).
@@ -138,6 +139,23 @@ def console_logging(enabled: bool = True):
             log.removeHandler(handler)
 
 
+@contextlib.contextmanager
+def cpu_determinism(device: torch.device):
+    """torch's deterministic algorithms while training on the CPU: with several threads some CPU
+    kernels (e.g. index_put with accumulation, in the max-similarity reference's backward) otherwise
+    differ from run to run, which would break the equality of resumed and uninterrupted runs. No
+    measurable cost on the CPU; GPUs are left alone (bit-exact resume is promised on CPU only)."""
+    if device.type != "cpu":
+        yield
+        return
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 class RunLog:
     """The run's log file, ``metrics.jsonl`` and optional TensorBoard events."""
 
@@ -156,12 +174,12 @@ class RunLog:
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         tmp = self.run_dir / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(E._json_ready(h)) + "\n" for h in history))
+        tmp.write_text("".join(json.dumps(E.json_ready(h)) + "\n" for h in history))
         os.replace(tmp, self.run_dir / "metrics.jsonl")
 
     def epoch(self, record: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(E._json_ready(record)) + "\n")
+            f.write(json.dumps(E.json_ready(record)) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step") and math.isfinite(value):
@@ -228,7 +246,8 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         runlog = RunLog(run_dir)
         try:
-            return _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end)
+            with cpu_determinism(device):
+                return _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end)
         finally:
             runlog.close()
 
@@ -302,7 +321,7 @@ def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, e
     t0 = time.perf_counter()
     lam = kd_weight(cfg.loss, epoch, t.epochs)
     model.train()
-    sums = {key: 0.0 for key in (*LOSS_TERMS, "total")}
+    sums = {key: torch.zeros((), device=device) for key in (*LOSS_TERMS, "total")}  # no per-step GPU sync
     steps = 0
     batches = train_batches(train_set, t.batch_size, seed=t.seed, epoch=epoch)
     for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", progress):
@@ -316,13 +335,13 @@ def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, e
         optimizer.step()
         scheduler.step()
         for key in sums:
-            sums[key] += float(terms[key].detach())
+            sums[key] += terms[key].detach().float()
         steps += 1
     state["step"] += steps
     train_seconds = time.perf_counter() - t0
-    val = E.evaluate(model, val_set, cfg, device)
+    val = E.evaluate(model, val_set, cfg, device, branches=False)
     record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"], "kd_weight": lam}
-    record.update({f"loss/{key}": value / max(1, steps) for key, value in sums.items()})
+    record.update({f"loss/{key}": float(value) / max(1, steps) for key, value in sums.items()})
     record.update({f"val/{key}": val[key] for key in (*RECALL_KEYS, "SumR")})
     record.update(steps_per_s=steps / max(train_seconds, 1e-9), seconds=time.perf_counter() - t0)
     return record

@@ -47,6 +47,12 @@ def test_run_folder_contents(tiny_root, tmp_path):
                  "best.pt", "test_metrics.json", "curves.png", "test_mv_bins.png", "test_window_widths.png"):
         assert (run / name).is_file(), name
     assert "kdc_kernels" in (run / "environment.txt").read_text()
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert list(run.glob("events.out.tfevents.*")), "tensorboard is installed: the run must write events"
     saved = C.load(run / "config.json")
     assert (saved.model.visual_dim, saved.model.text_dim) == (24, 16)  # read from the data
     history = _history(run)
@@ -122,3 +128,39 @@ def test_short_training_run_learns(learnable_root, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
     # 80 test videos: chance SumR = 120; a model that learned nothing stays within a few points
     assert result["SumR"] > result["chance_SumR"] + 25, (result["SumR"], result["chance_SumR"])
+
+
+def test_killed_process_resumes_to_the_same_result(tiny_root, tmp_path):
+    """SIGKILL a training process once its first checkpoint exists, resume in a new process, and
+    compare with an uninterrupted run: same per-epoch metrics, test metrics and parameters."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    epochs = 4
+    straight = tmp_path / "straight"
+    trainer.train(tiny_train_config(tiny_root, epochs=epochs), straight, progress=False, console=False)
+    cut = tmp_path / "cut"
+    argv = [sys.executable, "-m", "kdcnet", "train", "--data-root", str(tiny_root), "--collection", NAME,
+            "--epochs", str(epochs), "--batch-size", "2", "--device", "cpu", "--run-dir", str(cut),
+            "--set", f"data.max_frames={TINY_READ['max_frames']}", "--set", f"data.max_tokens={TINY_READ['max_tokens']}",
+            "--set", "model.d=16", "--set", "model.heads=2", "--set", "model.dropout=0.1", "--set", "train.warmup=0.3",
+            "--set", "eval.video_chunk=2", "--set", "train.plots=false"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (cut / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert C.load(cut / "config.json") == C.load(straight / "config.json")
+    resumed = subprocess.run([sys.executable, "-m", "kdcnet", "train", "--resume", str(cut)], capture_output=True,
+                             text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _history(cut) == _history(straight)
+    assert (cut / "test_metrics.json").read_text() == (straight / "test_metrics.json").read_text()
+    a, b = _params(straight), _params(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
