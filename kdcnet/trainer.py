@@ -245,10 +245,14 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
         val_set = E.open_split(cfg, cfg.data.val_split)
         run_dir.mkdir(parents=True, exist_ok=True)
         runlog = RunLog(run_dir)
+        threads = torch.get_num_threads()
         try:
+            if cfg.train.threads:
+                torch.set_num_threads(cfg.train.threads)
             with cpu_determinism(device):
                 return _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end)
         finally:
+            torch.set_num_threads(threads)
             runlog.close()
 
 
@@ -256,8 +260,6 @@ def _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, o
     from .data import num_train_batches, train_batches
 
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
     seed_everything(t.seed)
     if not resume:
         cfg = _prepare_run(cfg, run_dir, train_set)
