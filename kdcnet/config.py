@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,8 +194,8 @@ def validate(cfg: Config) -> Config:
     _check(t.early_stop >= 0, "train.early_stop", ">= 0 (0 disables early stopping)", t.early_stop)
     _check(m.impl in IMPL_CHOICES, "model.impl", f"one of {IMPL_CHOICES[1:]} or none", m.impl)
     _check(t.threads is None or t.threads >= 1, "train.threads", "none or an int >= 1", t.threads)
-    _check(t.device == "auto" or t.device == "cpu" or t.device.split(":")[0] == "cuda", "train.device",
-           "auto, cpu, cuda or cuda:N", t.device)
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", "auto, cpu, cuda or cuda:N",
+           t.device)
     return cfg
 
 

@@ -27,7 +27,11 @@ Choices SPEC.md leaves open, made here:
   hardest negative is one of the candidates.
 * Reduction: triplet and InfoNCE terms are means (over queries for t2v, over videos for v2t), so
   the loss scale does not grow with the batch; kl_seg is a sum over queries and kl_obj a batch
-  mean, as SPEC.md writes them.
+  mean, as SPEC.md writes them (``loss.krd_segment_reduction=mean`` averages kl_seg instead; the
+  sum makes distillation the strongest signal early in training, which is what lets the
+  synthetic demo learn in a few epochs).
+* Every distillation quantity is computed in fp32 with autocast off (temperature 0.2 magnifies
+  bf16 rounding of the cosines).
 * A video with no negative query (B = 1) contributes no v2t triplet term; a batch with one video
   no t2v triplet term.
 * InfoNCE uses temperature 1 on the raw max dot product; v2t treats every caption of the video as
@@ -147,23 +151,21 @@ def distillation_losses(cfg: LossConfig, batch, queries: torch.Tensor, frames: t
                         scores: torch.Tensor, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kl_seg, kl_obj)`` for the inheritance branch: ``queries [Nq, d]``, ``frames [B, L, d]``,
     cosine ``scores [Nq, B]``; the teacher comes from ``batch.teacher_videos / teacher_queries``."""
-    zero = scores.new_zeros(())
-    kl_seg = kl_obj = zero
+    kl_seg = kl_obj = scores.new_zeros(())
     lengths, qv = batch.video_lengths, batch.query_video
-    with torch.no_grad():
+    with torch.autocast(scores.device.type, enabled=False), torch.no_grad():  # fp32: KL at temperature 0.2
         refined = refine_teacher_frames(batch.teacher_videos.float(), lengths, cfg.krd_window)
         cq = F.normalize(batch.teacher_queries.float(), dim=-1)
-    if cfg.krd_segment:
-        with torch.no_grad():
-            teacher_curve = torch.einsum("nd,nld->nl", cq, refined[qv])
-        student_curve = torch.einsum("nd,nld->nl", F.normalize(queries.float(), dim=-1),
-                                     F.normalize(frames.float(), dim=-1)[qv])
-        valid = length_mask(lengths[qv], frames.shape[1])
-        kl_seg = segment_kl(teacher_curve, student_curve, valid, cfg.kd_temperature, cfg.krd_segment_reduction)
-    if cfg.krd_objective:
-        with torch.no_grad():
-            teacher_scores = max_similarity(cq, refined, lengths, normalize=False, impl=impl)
-        kl_obj = objective_kl(teacher_scores, scores, cfg.kd_temperature)
+        teacher_curve = torch.einsum("nd,nld->nl", cq, refined[qv]) if cfg.krd_segment else None
+        teacher_scores = max_similarity(cq, refined, lengths, normalize=False, impl=impl) if cfg.krd_objective else None
+    with torch.autocast(scores.device.type, enabled=False):
+        if cfg.krd_segment:
+            student_curve = torch.einsum("nd,nld->nl", F.normalize(queries.float(), dim=-1),
+                                         F.normalize(frames.float(), dim=-1)[qv])
+            valid = length_mask(lengths[qv], frames.shape[1])
+            kl_seg = segment_kl(teacher_curve, student_curve, valid, cfg.kd_temperature, cfg.krd_segment_reduction)
+        if cfg.krd_objective:
+            kl_obj = objective_kl(teacher_scores, scores.float(), cfg.kd_temperature)
     return kl_seg, kl_obj
 
 

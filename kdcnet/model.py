@@ -189,9 +189,17 @@ class KDCNet(nn.Module):
 
     def branch_scores(self, queries: dict, frames: dict, lengths: torch.Tensor, *,
                       normalize: bool = True) -> dict[str, torch.Tensor]:
-        """``{branch: max_i <q^, F^_i> [Nq, Nv]}`` (cosine when ``normalize``), float32."""
-        return {name: max_similarity(queries[name], frames[name], lengths, normalize=normalize, impl=self.impl)
-                for name in BRANCHES}
+        """``{branch: max_i <q^, F^_i> [Nq, Nv]}`` (cosine when ``normalize``), float32.
+
+        Autocast is off inside: the op takes bf16 inputs itself and accumulates in fp32 (autocast
+        would turn the reference's matmuls into bf16 ones). Queries follow the frames' dtype (under
+        autocast the two encoders may end in different dtypes)."""
+        out = {}
+        with torch.autocast(lengths.device.type, enabled=False):
+            for name in BRANCHES:
+                q = queries[name].to(frames[name].dtype)
+                out[name] = max_similarity(q, frames[name], lengths, normalize=normalize, impl=self.impl)
+        return out
 
     def fuse(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """``S = w * s_inh + (1 - w) * s_exp``."""

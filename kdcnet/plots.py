@@ -53,21 +53,21 @@ def training_curves(history: list[dict], path: str | os.PathLike) -> bool:
 
 
 def bin_recall(mv_bins: list[dict] | None, path: str | os.PathLike, title: str = "recall by M/V ratio") -> bool:
-    """Grouped bars: R@1/5/10/100 per moment-to-video ratio bin (query counts under the labels)."""
+    """R@1/5/10/100 against the moment-to-video ratio bin, one line per K (query counts under the
+    bin labels): how recall changes as the captioned moment gets shorter relative to its video."""
     plt = _pyplot()
     if plt is None or not mv_bins:
         return False
-    keys = ("R@1", "R@5", "R@10", "R@100")
-    width = 0.8 / len(keys)
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    for n, key in enumerate(keys):
-        xs = [i + n * width for i in range(len(mv_bins))]
-        ax.bar(xs, [float("nan") if r[key] is None else r[key] for r in mv_bins], width, label=key)
-    ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(mv_bins))])
-    ax.set_xticklabels([f"{r['bin']}\n{r['num_queries']} q" for r in mv_bins], fontsize=8)
+    xs = range(len(mv_bins))
+    for key in ("R@1", "R@5", "R@10", "R@100"):
+        ax.plot(xs, [float("nan") if r[key] is None else r[key] for r in mv_bins], marker="o", label=key)
+    ax.set_xticks(list(xs), [f"{r['bin']}\n{r['num_queries']} q" for r in mv_bins], fontsize=8)
+    ax.set_ylim(0, 102)
     ax.set_ylabel("recall (%)")
     ax.set_xlabel("moment length / video length")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -172,3 +172,18 @@ def test_switches_and_padding():
     (base["kl_seg"] + base["kl_obj"]).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.branches["exploration"].parameters())
     assert any(p.grad is not None and p.grad.any() for p in model.branches["inheritance"].parameters())
+
+
+def test_losses_under_bf16_autocast():
+    """The GPU trains under bf16 autocast; CPU autocast exercises the same mixed dtypes."""
+    torch.manual_seed(0)
+    model = KDCNet(tiny_config()).eval()
+    batch = make_batch()
+    ref = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1), 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1), 0.1)
+    got["total"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    for key in ref:
+        assert got[key].dtype == torch.float32, key
+        assert abs(float(got[key].detach()) - float(ref[key].detach())) < 0.05 * max(1.0, abs(float(ref[key].detach()))), key
