@@ -1,4 +1,4 @@
-"""``kdcnet``: train, evaluate, ablate and make synthetic data from the command line.
+"""kdcnet: train, evaluate, ablate and make synthetic data from the command line.
 
     kdcnet train                                   # built-in synthetic data, preset "synthetic"
     kdcnet train --preset tvr --data-root ROOT     # real features in the MS-SL layout
@@ -41,7 +41,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Shows each option's default unless its help already says it in words."""
 
     def _get_help_string(self, action):
-        if "(default:" in (action.help or ""):
+        if "(default:" in (action.help or "") or action.required:
             return action.help
         return super()._get_help_string(action)
 

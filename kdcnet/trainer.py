@@ -204,8 +204,10 @@ def _progress(iterable, total: int, desc: str, enabled: bool | None):
 
 
 def _prepare_run(cfg: C.Config, run_dir: Path, train_set) -> C.Config:
-    """Fill the data dims into ``cfg``, switch distillation off without a teacher, write the
-    run-folder metadata files."""
+    """Record the resolved data (root, collection, feature folder, dims) in ``cfg``, switch
+    distillation off without a teacher, write the run-folder metadata files."""
+    cfg.data.root = str(Path(train_set.root).resolve())
+    cfg.data.collection, cfg.data.visual_feature = train_set.collection, train_set.visual_feature
     m = cfg.model
     for key, value in (("visual_dim", train_set.visual_dim), ("text_dim", train_set.text_dim)):
         if getattr(m, key) not in (None, value):

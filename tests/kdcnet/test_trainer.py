@@ -55,6 +55,8 @@ def test_run_folder_contents(tiny_root, tmp_path):
         assert list(run.glob("events.out.tfevents.*")), "tensorboard is installed: the run must write events"
     saved = C.load(run / "config.json")
     assert (saved.model.visual_dim, saved.model.text_dim) == (24, 16)  # read from the data
+    assert (saved.data.root, saved.data.collection, saved.data.visual_feature) == (
+        str(tiny_root.resolve()), NAME, "synthetic_visual")  # the data actually used
     history = _history(run)
     assert [h["epoch"] for h in history] == [0, 1]
     for key in ("loss/total", "loss/trip_inh", "loss/nce_inh", "loss/trip_exp", "loss/nce_exp", "loss/kl_seg",
