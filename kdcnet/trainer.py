@@ -342,6 +342,8 @@ def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, e
             sums[key] += terms[key].detach().float()
         steps += 1
     state["step"] += steps
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # steps/s of finished work, not of queued kernels
     train_seconds = time.perf_counter() - t0
     val = E.evaluate(model, val_set, cfg, device, branches=False)
     record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"], "kd_weight": lam}
