@@ -1,0 +1,242 @@
+r"""Evaluation: encode every video and query of a split once per branch, rank all videos for every
+query by the fused score, report R@1/5/10/100, SumR, the per-M/V-bin table and per-branch recalls.
+
+Exact fused top-k. The fused score ``S = w * max_i cos(q_inh, F_inh[v, i]) + (1 - w) * max_j
+cos(q_exp, F_exp[v, j])`` is a weighted sum of two separate maxima, which one max-similarity call
+cannot express (concatenating the branch embeddings would take a single joint max over frames).
+So :func:`fused_topk` walks the corpus in chunks of ``eval.video_chunk`` videos: per chunk it calls
+``kdc_kernels.max_similarity`` once per branch (``[Nq, chunk]`` each, all queries at once), fuses
+them and merges them into a running ``[Nq, k]`` best list with a stable descending sort of
+``[kept, new]`` (kept entries have lower video indices, so ties go to the lower index, exactly
+like ``max_similarity_topk`` and :func:`kdcnet.metrics.retrieval_metrics`). Memory is
+``O(Nq * (k + chunk))``, there is no loop over queries, and the result is exact for the fused
+scores as computed. With ``fusion_weight`` 0 or 1 the fused score is one branch's score and
+``kdc_kernels.max_similarity_topk`` ranks it directly; it also gives the per-branch recalls
+reported beside the fused ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdc_kernels import max_similarity, max_similarity_topk
+
+from . import metrics as M
+from .config import Config
+from .model import BRANCHES, KDCNet, length_mask
+
+log = logging.getLogger("kdcnet")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def data_location(cfg: Config) -> tuple[Path, str]:
+    """``(root, collection)`` of ``cfg``; the built-in synthetic collection (generated on first
+    use) when ``data.root`` is unset."""
+    if cfg.data.root is None:
+        if cfg.preset != "synthetic":
+            raise ValueError(f"preset {cfg.preset!r} needs --data-root ROOT (the folder holding "
+                             f"{cfg.collection}/TextData and {cfg.collection}/FeatureData)")
+        from .synthetic import ensure_default_synthetic
+
+        root, collection = ensure_default_synthetic()
+        return Path(root), cfg.data.collection or collection
+    return Path(cfg.data.root), cfg.collection
+
+
+def open_split(cfg: Config, split: str, teacher: bool = False):
+    """The :class:`kdcnet.data.PRVRCollection` of one split as ``cfg`` describes it."""
+    from .data import PRESET_VISUAL_FEATURE, PRVRCollection
+
+    root, collection = data_location(cfg)
+    visual = cfg.data.visual_feature or (PRESET_VISUAL_FEATURE.get(cfg.preset) if cfg.data.root else None)
+    if visual is not None and not (root / collection / "FeatureData" / visual).is_dir() and not cfg.data.visual_feature:
+        visual = None  # the preset's folder is absent: fall back to the only BigFile folder
+    return PRVRCollection(root, collection, split, visual_feature=visual, max_frames=cfg.data.max_frames,
+                          max_tokens=cfg.data.max_tokens, teacher=teacher)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when ``train.bf16``; a no-op context on the CPU."""
+    if device.type == "cuda" and cfg.train.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# -------------------------------------------------------------------------------------- encoding
+
+
+@torch.no_grad()
+def encode_collection(model: KDCNet, collection, cfg: Config, device: torch.device, *, return_widths=False):
+    """Encode every video and every query of ``collection`` once per branch.
+
+    Returns ``(frames {branch: [Nv, L, d]}, lengths [Nv], queries {branch: [Nq, d]}, widths)``,
+    where ``widths`` is ``{branch: 1-D tensor of every valid DTA sigma (frames)}`` (None for a
+    branch without window) when ``return_widths``, else None. Rows follow ``collection.video_ids``
+    and ``collection.cap_ids``.
+    """
+    from .data import query_batches, video_batches
+
+    model.eval()
+    nv, nq = len(collection.video_ids), len(collection.cap_ids)
+    lengths = torch.zeros(nv, dtype=torch.int64, device=device)
+    frames: dict = {}
+    queries: dict = {}
+    widths = {name: [] for name in BRANCHES} if return_widths else None
+    with autocast(cfg, device):
+        for batch in video_batches(collection, cfg.eval.batch_size):
+            batch = batch.to(device)
+            out = model.encode_videos(batch, return_widths=return_widths)
+            emb, sig = out if return_widths else (out, None)
+            idx, L = batch.video_index.to(device), batch.videos.shape[1]
+            lengths[idx] = batch.video_lengths
+            for name in BRANCHES:
+                if name not in frames:
+                    frames[name] = torch.zeros(nv, cfg.data.max_frames, emb[name].shape[-1],
+                                               dtype=emb[name].dtype, device=device)
+                frames[name][idx, :L] = emb[name]
+                if return_widths and sig[name] is not None:
+                    valid = length_mask(batch.video_lengths, L)[:, None, :].expand_as(sig[name])
+                    widths[name].append(sig[name][valid].float().cpu())
+        for batch in query_batches(collection, 4 * cfg.eval.batch_size):
+            batch = batch.to(device)
+            emb = model.encode_queries(batch)
+            idx = batch.query_index.to(device)
+            for name in BRANCHES:
+                if name not in queries:
+                    queries[name] = torch.zeros(nq, emb[name].shape[-1], dtype=emb[name].dtype, device=device)
+                queries[name][idx] = emb[name]
+    max_len = int(lengths.max())
+    frames = {name: f[:, :max_len] for name, f in frames.items()}
+    if return_widths:
+        widths = {name: (torch.cat(w) if w else None) for name, w in widths.items()}
+    return frames, lengths, queries, widths
+
+
+# --------------------------------------------------------------------------------------- ranking
+
+
+def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor, new_i: torch.Tensor, k: int):
+    """Merge a running top-k ``(best_s, best_i) [Nq, <=k]`` with new candidates ``[Nq, n]`` whose
+    video indices all exceed the kept ones: descending score, ties to the lower index."""
+    cand_s, cand_i = torch.cat([best_s, new_s], dim=1), torch.cat([best_i, new_i], dim=1)
+    order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
+    return cand_s.gather(1, order), cand_i.gather(1, order)
+
+
+@torch.no_grad()
+def fused_topk(queries: dict, frames: dict, lengths: torch.Tensor, weight: float, k: int, *,
+               video_chunk: int = 1024, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``S = w * s_inh + (1 - w) * s_exp`` over all videos (see the module doc).
+
+    Returns ``(scores float32 [Nq, k], video indices int64 [Nq, k])``, descending, ties to the
+    lower video index.
+    """
+    inh, exp = queries["inheritance"], queries["exploration"]
+    nv = frames["inheritance"].shape[0]
+    if weight in (0.0, 1.0):
+        name = "inheritance" if weight == 1.0 else "exploration"
+        return max_similarity_topk(queries[name], frames[name], lengths, k, impl=impl)
+    best_s = torch.empty(inh.shape[0], 0, dtype=torch.float32, device=inh.device)
+    best_i = torch.empty(inh.shape[0], 0, dtype=torch.int64, device=inh.device)
+    for v0 in range(0, nv, video_chunk):
+        v1 = min(nv, v0 + video_chunk)
+        a = max_similarity(inh, frames["inheritance"][v0:v1], lengths[v0:v1], impl=impl)
+        b = max_similarity(exp, frames["exploration"][v0:v1], lengths[v0:v1], impl=impl)
+        ids = torch.arange(v0, v1, device=inh.device).expand(inh.shape[0], -1)
+        best_s, best_i = merge_topk(best_s, best_i, weight * a + (1.0 - weight) * b, ids, k)
+    return best_s, best_i
+
+
+def moment_ratios(collection) -> list[float] | None:
+    """M/V ratio of every caption (NaN when it has no moment), or None without a moments file."""
+    if not collection.moments:
+        return None
+    return [m.ratio if m is not None else math.nan for m in map(collection.moments.get, collection.cap_ids)]
+
+
+def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, branches: bool = True,
+             return_widths: bool = False):
+    """Rank every video of ``collection`` for every query; return the metrics dict:
+    ``R@1, R@5, R@10, R@100, SumR, num_queries, num_videos, chance_SumR, mv_bins`` (None without a
+    moments file) and, with ``branches``, ``branches`` (each branch's recalls on its own).
+    With ``return_widths`` also the DTA window widths: ``(metrics, widths)``."""
+    nv, nq = len(collection.video_ids), len(collection.cap_ids)
+    if nv == 0 or nq == 0:
+        raise ValueError(f"split {collection.split!r} of {collection.collection!r} has {nv} videos and {nq} "
+                         f"captions: nothing to evaluate")
+    frames, lengths, queries, widths = encode_collection(model, collection, cfg, device, return_widths=return_widths)
+    k = min(cfg.eval.k, nv)  # eval.k >= 100, so every recall below is exact
+    targets = torch.as_tensor(collection.cap_video, dtype=torch.int64, device=device)
+    impl = cfg.model.impl
+    _, top = fused_topk(queries, frames, lengths, cfg.model.fusion_weight, k,
+                        video_chunk=cfg.eval.video_chunk, impl=impl)
+    ranks = M.ranks_from_topk(top, targets, nv)
+    result = {**M.recalls_from_ranks(ranks), "num_queries": nq, "num_videos": nv,
+              "chance_SumR": M.chance_metrics(nv)["SumR"]}
+    ratios = moment_ratios(collection)
+    result["mv_bins"] = M.mv_bin_table(ranks.cpu(), ratios) if ratios is not None else None
+    if branches:
+        result["branches"] = {}
+        for name in BRANCHES:
+            _, top_b = max_similarity_topk(queries[name], frames[name], lengths, k, impl=impl)
+            result["branches"][name] = M.recalls_from_ranks(M.ranks_from_topk(top_b, targets, nv))
+    if return_widths:
+        return result, widths
+    return result
+
+
+# -------------------------------------------------------------------------------------- reporting
+
+
+def results_table(result: dict, label: str = "KDC-Net") -> str:
+    """The fused recalls with chance level (and each branch) beside them, as a text table."""
+    chance = M.chance_metrics(result["num_videos"])
+    rows = [{"": label, **{key: result[key] for key in (*M.RECALL_KEYS, "SumR")}}]
+    for name, rec in (result.get("branches") or {}).items():
+        rows.append({"": f"  {name} branch only", **rec})
+    rows.append({"": "chance (random ranking)", **chance})
+    return M.format_table(rows, ["", *M.RECALL_KEYS, "SumR"])
+
+
+def bins_table(result: dict) -> str | None:
+    if not result.get("mv_bins"):
+        return None
+    return M.format_table(result["mv_bins"], ["bin", "num_queries", *M.RECALL_KEYS, "SumR"])
+
+
+def report(result: dict, split: str, out=print) -> None:
+    out(f"{split}: {result['num_queries']} queries, {result['num_videos']} videos")
+    out(results_table(result))
+    table = bins_table(result)
+    if table:
+        out("by moment-to-video ratio (M/V):")
+        out(table)
+
+
+def save_metrics(result: dict, run_dir: str | os.PathLike, split: str) -> Path:
+    path = Path(run_dir) / f"{split}_metrics.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json_ready(result), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def json_ready(x):
+    """``x`` with NaN floats replaced by None (strict JSON)."""
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    if isinstance(x, (float, np.floating)) and math.isnan(x):
+        return None
+    return x
