@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make train   create .venv if missing, install, run the main job
+#   make train   create .venv if missing, install, run the main job (KDC-Net on synthetic data)
 #   make test    create .venv if missing, install, run the whole test suite
 #
 # Variables (override on the command line, e.g. `make test PYTEST_ARGS="-x -k topk"`):
@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) examples/ops_demo.py $(TRAIN_ARGS)
+	$(PY) -m kdcnet train $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) scripts/check_cuda.py

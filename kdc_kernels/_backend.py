@@ -146,6 +146,12 @@ def dispatch(op_name: str, package: str, impl, device: torch.device, case: dict,
     """Resolve the impl for ``case`` and run it."""
     chosen = resolve(op_name, impl, device, lambda name: why_not(op_name, package, name, device, case))
     if chosen == "reference":
+        if device.type in ("cpu", "cuda"):
+            # The contract fixes the compute precision (fp32) and the output dtypes: autocast must
+            # not turn the reference's matmuls into bf16/fp16 ones (the fast paths are custom ops,
+            # which autocast leaves alone).
+            with torch.autocast(device_type=device.type, enabled=False):
+                return reference(**case)
         return reference(**case)
     run, _ = fast_path(op_name, package, chosen)
     return run(**case)

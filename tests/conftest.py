@@ -3,7 +3,10 @@ before any Triton kernel is defined, so it is set here, before kdc_kernels is im
 
 import os
 
-import pytest
+# Spinning OpenMP threads slow CPU training several-fold on a small shared machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 try:
     import torch

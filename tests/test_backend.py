@@ -92,3 +92,21 @@ def test_info_reports_versions_and_choices():
     for needle in (f"torch {torch.__version__}", "triton", "compiled extension:", "Triton interpreter",
                    "cpu  windowed_attention   -> reference", "cuda max_similarity_topk", "auto picks"):
         assert needle in text, needle
+
+
+def test_reference_ignores_autocast():
+    """Under bf16 autocast the ops still compute in fp32 and return the contract's dtypes."""
+    sim = testing.similarity_inputs(5, 4, 6, 16, lengths="ragged", seed=1)
+    attn = testing.attention_inputs(2, 2, 8, 16, seed=2)
+    want_s = K.max_similarity(**sim)
+    want_top = K.max_similarity_topk(**sim, k=2)
+    want_a = K.windowed_attention(**attn)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got_s = K.max_similarity(**sim)
+        got_top = K.max_similarity_topk(**sim, k=2)
+        got_a = K.windowed_attention(**attn)
+    assert got_s.dtype == torch.float32 and got_top[0].dtype == torch.float32 and got_a.dtype == torch.float32
+    torch.testing.assert_close(got_s, want_s)
+    torch.testing.assert_close(got_top[0], want_top[0])
+    assert torch.equal(got_top[1], want_top[1])
+    torch.testing.assert_close(got_a, want_a)
