@@ -3,6 +3,7 @@ interruption, and a short run that learns."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -47,12 +48,10 @@ def test_run_folder_contents(tiny_root, tmp_path):
                  "best.pt", "test_metrics.json", "curves.png", "test_mv_bins.png", "test_window_widths.png"):
         assert (run / name).is_file(), name
     assert "kdc_kernels" in (run / "environment.txt").read_text()
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    if importlib.util.find_spec("tensorboard") is not None:
         assert list(run.glob("events.out.tfevents.*")), "tensorboard is installed: the run must write events"
+    else:
+        assert not list(run.glob("events.out.tfevents.*"))
     saved = C.load(run / "config.json")
     assert (saved.model.visual_dim, saved.model.text_dim) == (24, 16)  # read from the data
     assert (saved.data.root, saved.data.collection, saved.data.visual_feature) == (
