@@ -4,6 +4,7 @@
     kdcnet train --preset tvr --data-root ROOT     # real features in the MS-SL layout
     kdcnet train --ablate                          # full / no HSA / no DTA / no distillation / no refinement
     kdcnet train --resume RUN_DIR                  # continue a killed run from its last checkpoint
+    torchrun --nproc_per_node 8 -m kdcnet train --preset tvr --data-root ROOT --gather   # 8 GPUs
     kdcnet eval --run RUN_DIR --split test
     kdcnet make-synthetic --out DIR --collection NAME
 
@@ -13,7 +14,6 @@ Bad arguments and bad data end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--run-dir continues an interrupted ablation")
     t.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="tqdm progress bars (auto: only on a terminal)")
+    t.add_argument("--gather", action="store_const", const=True, default=None,
+                   help="under torchrun: gather query and video embeddings from every process so the ranking, "
+                        "InfoNCE and distillation losses see the global batch (= --set train.gather=true) "
+                        "(default: off, each process uses its own batch)")
 
     e = sub.add_parser("eval", help="evaluate a run's best checkpoint on a split",
                        description="Evaluate the best checkpoint of a run folder on one split: recalls, SumR, "
@@ -118,7 +122,7 @@ def config_from_args(args) -> C.Config:
     for key, value in (("data.root", args.data_root), ("data.collection", args.collection),
                        ("data.visual_feature", args.visual_feature), ("train.epochs", args.epochs),
                        ("train.batch_size", args.batch_size), ("train.device", args.device),
-                       ("model.impl", args.impl), ("train.seed", args.seed)):
+                       ("model.impl", args.impl), ("train.seed", args.seed), ("train.gather", args.gather)):
         if value is not None:
             flags.append(f"{key}={value}")
     return C.apply_overrides(cfg, flags + list(args.overrides))
@@ -128,27 +132,38 @@ def _progress(args) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.progress]
 
 
+def _say(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (every process of a torchrun job runs the command)."""
+    from .distributed import env_rank
+
+    if env_rank() == 0:
+        print(*args, **kwargs)
+
+
 def cmd_train(args) -> int:
     from . import trainer
+    from .distributed import session
 
     if args.resume:
         fixed = [f"--{name.replace('_', '-')}" for name in ("preset", "data_root", "collection", "visual_feature",
-                                                            "epochs", "batch_size", "seed", "run_dir")
+                                                            "epochs", "batch_size", "seed", "run_dir", "gather")
                  if getattr(args, name) is not None] + (["--set"] if args.overrides else []) + \
                 (["--ablate"] if args.ablate else [])
         if fixed:
             raise ValueError(f"--resume continues a run with its saved config; drop {', '.join(fixed)} "
                              f"(only --device and --impl may change)")
         cfg = trainer.resume_config(args.resume, device=args.device, impl=args.impl)
-        trainer.train(cfg, args.resume, resume=True, progress=_progress(args))
-        print(f"run folder: {args.resume}")
+        with session(cfg.train.device):
+            trainer.train(cfg, args.resume, resume=True, progress=_progress(args))
+        _say(f"run folder: {args.resume}")
         return 0
     cfg = config_from_args(args)
-    if args.ablate:
-        return run_ablation(cfg, args.run_dir, _progress(args))
-    run_dir = Path(args.run_dir) if args.run_dir else trainer.default_run_dir(cfg)
-    trainer.train(cfg, run_dir, progress=_progress(args))
-    print(f"run folder: {run_dir}")
+    with session(cfg.train.device):
+        if args.ablate:
+            return run_ablation(cfg, args.run_dir, _progress(args))
+        run_dir = Path(args.run_dir) if args.run_dir else trainer.default_run_dir(cfg)
+        trainer.train(cfg, run_dir, progress=_progress(args))
+    _say(f"run folder: {run_dir}")
     return 0
 
 
@@ -158,16 +173,15 @@ def run_ablation(cfg: C.Config, run_dir: str | None, progress: bool | None) -> i
     from . import evaluate as E
     from . import metrics as M
     from . import trainer
+    from .distributed import env_rank
 
-    root = Path(run_dir) if run_dir else Path("runs") / (
-        f"{cfg.preset}-ablation-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(run_dir) if run_dir else trainer.default_run_dir(cfg, "ablation")
     rows = []
     for name, overrides in ABLATIONS:
         folder = root / name.replace(" ", "-")
         done = folder / f"{cfg.data.test_split}_metrics.json"
         t0 = time.perf_counter()
-        print(f"== {name} ({' '.join(overrides) or 'all components'}) -> {folder}", flush=True)
+        _say(f"== {name} ({' '.join(overrides) or 'all components'}) -> {folder}", flush=True)
         if done.is_file():
             result = json.loads(done.read_text())
         elif (folder / "last.pt").is_file():
@@ -181,12 +195,13 @@ def run_ablation(cfg: C.Config, run_dir: str | None, progress: bool | None) -> i
     table = M.format_table(rows + [chance], ["variant", "overrides", *M.RECALL_KEYS, "SumR", "minutes"])
     header = (f"ablation on {cfg.collection} ({cfg.preset} preset), {cfg.data.test_split} split: "
               f"{result['num_queries']} queries, {result['num_videos']} videos")
-    print(header)
-    print(table)
-    (root / "ablation.json").write_text(json.dumps(E.json_ready({"header": header, "rows": rows + [chance]}),
-                                                   indent=2) + "\n")
-    (root / "ablation.txt").write_text(header + "\n" + table + "\n")
-    print(f"saved {root / 'ablation.txt'}")
+    _say(header)
+    _say(table)
+    if env_rank() == 0:
+        (root / "ablation.json").write_text(json.dumps(E.json_ready({"header": header, "rows": rows + [chance]}),
+                                                       indent=2) + "\n")
+        (root / "ablation.txt").write_text(header + "\n" + table + "\n")
+    _say(f"saved {root / 'ablation.txt'}")
     return 0
 
 
@@ -197,9 +212,12 @@ def cmd_eval(args) -> int:
     if not (run / "config.json").is_file():
         raise ValueError(f"--run {run}: no config.json there; is it a folder written by kdcnet train?")
     cfg = trainer.resume_config(run, device=args.device, impl=args.impl)
-    device = trainer.resolve_device(cfg.train.device)
-    trainer.evaluate_checkpoint(cfg, run, args.split, device, checkpoint=f"{args.checkpoint}.pt")
-    print(f"saved {run / f'{args.split}_metrics.json'}")
+    from .distributed import session
+
+    with session(cfg.train.device):  # under torchrun: sharded evaluation
+        device = trainer.resolve_device(cfg.train.device)
+        trainer.evaluate_checkpoint(cfg, run, args.split, device, checkpoint=f"{args.checkpoint}.pt")
+    _say(f"saved {run / f'{args.split}_metrics.json'}")
     return 0
 
 

@@ -81,7 +81,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 128  # videos per batch (with all their captions)
+    batch_size: int = 128  # videos per batch (with all their captions); under torchrun per process
     lr: float = 3e-4
     weight_decay: float = 0.01  # AdamW
     warmup: float = 0.01  # fraction of all steps with linear warm-up, then linear decay to 0
@@ -92,6 +92,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA (never on CPU)
     threads: int | None = None  # torch CPU threads; None: torch's default
     plots: bool = True  # PNG plots in the run folder (needs matplotlib)
+    gather: bool = False  # under torchrun: losses over the global batch (embeddings gathered from every rank)
 
 
 @dataclass

@@ -741,12 +741,13 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-def _subset(data: PRVRCollection, video_subset) -> np.ndarray:
-    if video_subset is None:
-        return np.arange(len(data.video_ids), dtype=np.int64)
-    idx = np.asarray(video_subset, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= len(data.video_ids)):
-        raise ValueError(f"video_subset must hold video indices in [0, {len(data.video_ids)}), "
+def _subset(data: PRVRCollection, subset, queries: bool = False) -> np.ndarray:
+    n, name = (len(data.cap_ids), "query_subset") if queries else (len(data.video_ids), "video_subset")
+    if subset is None:
+        return np.arange(n, dtype=np.int64)
+    idx = np.asarray(subset, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise ValueError(f"{name} must hold {'query' if queries else 'video'} indices in [0, {n}), "
                          f"got values in [{idx.min()}, {idx.max()}]")
     return idx
 
@@ -792,9 +793,11 @@ def video_batches(collection: PRVRCollection, batch_size: int, video_subset=None
         yield _make_batch(collection, order[start:start + batch_size], [], [])
 
 
-def query_batches(collection: PRVRCollection, batch_size: int) -> Iterator[Batch]:
-    """Queries in caption-file order, ``batch_size`` at a time, no videos; ``query_video`` indexes ``video_ids``."""
+def query_batches(collection: PRVRCollection, batch_size: int, query_subset=None) -> Iterator[Batch]:
+    """Queries in caption-file order (or ``query_subset`` order), ``batch_size`` at a time, no
+    videos; ``query_video`` indexes ``video_ids``."""
     _check_batch_size(batch_size)
-    for start in range(0, len(collection.cap_ids), batch_size):
-        queries = list(range(start, min(start + batch_size, len(collection.cap_ids))))
+    order = _subset(collection, query_subset, queries=True).tolist()
+    for start in range(0, len(order), batch_size):
+        queries = order[start:start + batch_size]
         yield _make_batch(collection, [], queries, [collection.cap_video[j] for j in queries])

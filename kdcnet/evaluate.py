@@ -29,6 +29,7 @@ import torch
 
 from kdc_kernels import max_similarity, max_similarity_topk
 
+from . import distributed as D
 from . import metrics as M
 from .config import Config
 from .model import BRANCHES, KDCNet, length_mask
@@ -76,61 +77,59 @@ def autocast(cfg: Config, device: torch.device):
 
 
 @torch.no_grad()
-def encode_collection(model: KDCNet, collection, cfg: Config, device: torch.device, *, return_widths=False):
-    """Encode every video and every query of ``collection`` once per branch.
+def encode_collection(model: KDCNet, collection, cfg: Config, device: torch.device, *, return_widths=False,
+                      video_range: range | None = None, query_range: range | None = None):
+    """Encode every video and every query of ``collection`` (or the rows in ``video_range`` /
+    ``query_range``) once per branch.
 
     Returns ``(frames {branch: [Nv, L, d]}, lengths [Nv], queries {branch: [Nq, d]}, widths)``,
     where ``widths`` is ``{branch: 1-D tensor of every valid DTA sigma (frames)}`` (None for a
     branch without window) when ``return_widths``, else None. Rows follow ``collection.video_ids``
-    and ``collection.cap_ids``.
+    and ``collection.cap_ids`` (from the start of each range); an empty range gives no entries
+    in ``frames`` / ``queries``.
     """
     from .data import query_batches, video_batches
 
     model.eval()
-    nv, nq = len(collection.video_ids), len(collection.cap_ids)
-    lengths = torch.zeros(nv, dtype=torch.int64, device=device)
+    videos = range(len(collection.video_ids)) if video_range is None else video_range
+    rows = range(len(collection.cap_ids)) if query_range is None else query_range
+    lengths = torch.zeros(len(videos), dtype=torch.int64, device=device)
     frames: dict = {}
     queries: dict = {}
     widths = {name: [] for name in BRANCHES} if return_widths else None
     with autocast(cfg, device):
-        for batch in video_batches(collection, cfg.eval.batch_size):
+        for batch in video_batches(collection, cfg.eval.batch_size, video_subset=videos):
             batch = batch.to(device)
             out = model.encode_videos(batch, return_widths=return_widths)
             emb, sig = out if return_widths else (out, None)
-            idx, L = batch.video_index.to(device), batch.videos.shape[1]
+            idx, L = batch.video_index.to(device) - videos.start, batch.videos.shape[1]
             lengths[idx] = batch.video_lengths
             for name in BRANCHES:
                 if name not in frames:
-                    frames[name] = torch.zeros(nv, cfg.data.max_frames, emb[name].shape[-1],
+                    frames[name] = torch.zeros(len(videos), cfg.data.max_frames, emb[name].shape[-1],
                                                dtype=emb[name].dtype, device=device)
                 frames[name][idx, :L] = emb[name]
                 if return_widths and sig[name] is not None:
                     valid = length_mask(batch.video_lengths, L)[:, None, :].expand_as(sig[name])
                     widths[name].append(sig[name][valid].float().cpu())
-        for batch in query_batches(collection, 4 * cfg.eval.batch_size):
+        for batch in query_batches(collection, 4 * cfg.eval.batch_size, query_subset=rows):
             batch = batch.to(device)
             emb = model.encode_queries(batch)
-            idx = batch.query_index.to(device)
+            idx = batch.query_index.to(device) - rows.start
             for name in BRANCHES:
                 if name not in queries:
-                    queries[name] = torch.zeros(nq, emb[name].shape[-1], dtype=emb[name].dtype, device=device)
+                    queries[name] = torch.zeros(len(rows), emb[name].shape[-1], dtype=emb[name].dtype, device=device)
                 queries[name][idx] = emb[name]
-    max_len = int(lengths.max())
+    max_len = int(lengths.max()) if len(videos) else 0
     frames = {name: f[:, :max_len] for name, f in frames.items()}
     if return_widths:
-        widths = {name: (torch.cat(w) if w else None) for name, w in widths.items()}
+        windowed = {name: branch.video.attn.window != "none" for name, branch in model.branches.items()}
+        widths = {name: (torch.cat(w) if w else torch.empty(0)) if windowed[name] else None
+                  for name, w in widths.items()}
     return frames, lengths, queries, widths
 
 
 # --------------------------------------------------------------------------------------- ranking
-
-
-def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor, new_i: torch.Tensor, k: int):
-    """Merge a running top-k ``(best_s, best_i) [Nq, <=k]`` with new candidates ``[Nq, n]`` whose
-    video indices all exceed the kept ones: descending score, ties to the lower index."""
-    cand_s, cand_i = torch.cat([best_s, new_s], dim=1), torch.cat([best_i, new_i], dim=1)
-    order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
-    return cand_s.gather(1, order), cand_i.gather(1, order)
 
 
 @torch.no_grad()
@@ -153,7 +152,7 @@ def fused_topk(queries: dict, frames: dict, lengths: torch.Tensor, weight: float
         a = max_similarity(inh, frames["inheritance"][v0:v1], lengths[v0:v1], impl=impl)
         b = max_similarity(exp, frames["exploration"][v0:v1], lengths[v0:v1], impl=impl)
         ids = torch.arange(v0, v1, device=inh.device).expand(inh.shape[0], -1)
-        best_s, best_i = merge_topk(best_s, best_i, weight * a + (1.0 - weight) * b, ids, k)
+        best_s, best_i = M.merge_topk(best_s, best_i, weight * a + (1.0 - weight) * b, ids, k)
     return best_s, best_i
 
 
@@ -169,27 +168,55 @@ def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, br
     """Rank every video of ``collection`` for every query; return the metrics dict:
     ``R@1, R@5, R@10, R@100, SumR, num_queries, num_videos, chance_SumR, mv_bins`` (None without a
     moments file) and, with ``branches``, ``branches`` (each branch's recalls on its own).
-    With ``return_widths`` also the DTA window widths: ``(metrics, widths)``."""
+    With ``return_widths`` also the DTA window widths: ``(metrics, widths)``.
+
+    Under ``torch.distributed`` (a process group exists, e.g. under torchrun) every rank must call
+    it: each encodes its share of the videos and queries (:func:`kdcnet.distributed.batch_shard`:
+    runs of the batches one process would encode, so the same embeddings), the queries are
+    gathered, each rank ranks its videos, and the top-k lists are merged exactly
+    (:func:`kdcnet.distributed.merge_topk_across_ranks`); every rank returns the single-process
+    result. Memory per rank: its videos' frames, all query embeddings and ``O(Nq * k)``."""
     nv, nq = len(collection.video_ids), len(collection.cap_ids)
     if nv == 0 or nq == 0:
         raise ValueError(f"split {collection.split!r} of {collection.collection!r} has {nv} videos and {nq} "
                          f"captions: nothing to evaluate")
-    frames, lengths, queries, widths = encode_collection(model, collection, cfg, device, return_widths=return_widths)
+    world = D.current()
+    video_range = D.batch_shard(nv, cfg.eval.batch_size, world.rank, world.size)
+    query_range = D.batch_shard(nq, 4 * cfg.eval.batch_size, world.rank, world.size)
+    frames, lengths, queries, widths = encode_collection(model, collection, cfg, device, return_widths=return_widths,
+                                                         video_range=video_range, query_range=query_range)
+    if world.size > 1:
+        queries = {name: D.all_gather_rows(queries.get(name)) for name in BRANCHES}
+        if return_widths:
+            widths = {name: None if w is None else D.all_gather_rows(w) for name, w in widths.items()}
     k = min(cfg.eval.k, nv)  # eval.k >= 100, so every recall below is exact
+    counts = D.shard_counts(nv, cfg.eval.batch_size, k)
     targets = torch.as_tensor(collection.cap_video, dtype=torch.int64, device=device)
     impl = cfg.model.impl
-    _, top = fused_topk(queries, frames, lengths, cfg.model.fusion_weight, k,
-                        video_chunk=cfg.eval.video_chunk, impl=impl)
-    ranks = M.ranks_from_topk(top, targets, nv)
-    result = {**M.recalls_from_ranks(ranks), "num_queries": nq, "num_videos": nv,
+
+    def ranks(topk):
+        """Ranks from ``topk(k') -> (scores, indices)`` over this rank's videos, merged over ranks."""
+        kk = min(k, len(video_range))
+        if kk:
+            scores, top = topk(kk)
+            top = top + video_range.start
+        else:
+            scores = torch.empty(nq, 0, device=device)
+            top = torch.empty(nq, 0, dtype=torch.int64, device=device)
+        top = D.merge_topk_across_ranks(scores, top, k, counts)[1]
+        return M.ranks_from_topk(top, targets, nv)
+
+    fused = ranks(lambda kk: fused_topk(queries, frames, lengths, cfg.model.fusion_weight, kk,
+                                        video_chunk=cfg.eval.video_chunk, impl=impl))
+    result = {**M.recalls_from_ranks(fused), "num_queries": nq, "num_videos": nv,
               "chance_SumR": M.chance_metrics(nv)["SumR"]}
     ratios = moment_ratios(collection)
-    result["mv_bins"] = M.mv_bin_table(ranks.cpu(), ratios) if ratios is not None else None
+    result["mv_bins"] = M.mv_bin_table(fused.cpu(), ratios) if ratios is not None else None
     if branches:
         result["branches"] = {}
         for name in BRANCHES:
-            _, top_b = max_similarity_topk(queries[name], frames[name], lengths, k, impl=impl)
-            result["branches"][name] = M.recalls_from_ranks(M.ranks_from_topk(top_b, targets, nv))
+            per_branch = ranks(lambda kk: max_similarity_topk(queries[name], frames[name], lengths, kk, impl=impl))
+            result["branches"][name] = M.recalls_from_ranks(per_branch)
     if return_widths:
         return result, widths
     return result

@@ -24,7 +24,9 @@ Choices SPEC.md leaves open, made here:
 
 * The t2v negative is drawn uniformly among the ``min(hard_negatives, B - 1)`` highest-scoring
   other videos of the batch, with torch's global CPU generator (restored on resume), so the
-  hardest negative is one of the candidates.
+  hardest negative is one of the candidates. (Several processes draw with a generator seeded by
+  ``(seed, epoch)``, the same on every rank, so gathered global batches get the same negatives
+  on every rank.)
 * Reduction: triplet and InfoNCE terms are means (over queries for t2v, over videos for v2t), so
   the loss scale does not grow with the batch; kl_seg is a sum over queries and kl_obj a batch
   mean, as SPEC.md writes them (``loss.krd_segment_reduction=mean`` averages kl_seg instead; the
@@ -72,8 +74,10 @@ def _own_mask(query_video: torch.Tensor, num_videos: int) -> torch.Tensor:
     return query_video[:, None] == torch.arange(num_videos, device=query_video.device)[None, :]
 
 
-def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float, hard_negatives: int) -> torch.Tensor:
-    """Bidirectional triplet ranking on a cosine score matrix ``scores [Nq, B]`` (see module doc)."""
+def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float, hard_negatives: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bidirectional triplet ranking on a cosine score matrix ``scores [Nq, B]`` (see module doc);
+    the t2v negatives are drawn with ``generator`` (a CPU generator; None: torch's global one)."""
     nq, nv = scores.shape
     own = _own_mask(query_video, nv)
     zero = scores.new_zeros(())
@@ -82,7 +86,7 @@ def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float,
         pos = scores.gather(1, query_video[:, None]).squeeze(1)  # [Nq]
         kk = min(hard_negatives, nv - 1)
         hardest = scores.detach().masked_fill(own, float("-inf")).topk(kk, dim=1).indices  # [Nq, kk]
-        pick = torch.randint(0, kk, (nq, 1)).to(scores.device)
+        pick = torch.randint(0, kk, (nq, 1), generator=generator).to(scores.device)
         neg = scores.gather(1, hardest.gather(1, pick)).squeeze(1)
         t2v = F.relu(margin + neg - pos).mean()
     count = own.sum(dim=0)  # captions per video
@@ -169,13 +173,22 @@ def distillation_losses(cfg: LossConfig, batch, queries: torch.Tensor, frames: t
     return kl_seg, kl_obj
 
 
-def compute_losses(model, batch, cfg: LossConfig, kd_lambda: float) -> dict[str, torch.Tensor]:
+def compute_losses(model, batch, cfg: LossConfig, kd_lambda: float, *,
+                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Every loss term of one batch (each a scalar tensor) plus ``"total"`` (the one to minimise).
 
     ``model`` is a :class:`kdcnet.model.KDCNet`; ``kd_lambda`` is :func:`kd_weight` of the epoch
-    (0 skips distillation). Terms that are switched off are 0.
+    (0 skips distillation). Terms that are switched off are 0. ``generator``: see :func:`triplet_loss`.
     """
     frames, queries = model.encode_videos(batch), model.encode_queries(batch)
+    return embedding_losses(model, batch, frames, queries, cfg, kd_lambda, generator=generator)
+
+
+def embedding_losses(model, batch, frames: dict, queries: dict, cfg: LossConfig, kd_lambda: float, *,
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """:func:`compute_losses` from the batch's embeddings ``frames {branch: [B, L, d]}`` and
+    ``queries {branch: [Nq, d]}`` (``model`` only scores them); ``batch`` supplies
+    ``video_lengths``, ``query_video`` and the teacher features."""
     lengths, qv = batch.video_lengths, batch.query_video
     cos = model.branch_scores(queries, frames, lengths)
     dots = model.branch_scores(queries, frames, lengths, normalize=False)
@@ -183,7 +196,7 @@ def compute_losses(model, batch, cfg: LossConfig, kd_lambda: float) -> dict[str,
     total = cos["inheritance"].new_zeros(())
     for name in cos:
         short = _SHORT[name]
-        terms[f"trip_{short}"] = triplet_loss(cos[name], qv, cfg.margin, cfg.hard_negatives)
+        terms[f"trip_{short}"] = triplet_loss(cos[name], qv, cfg.margin, cfg.hard_negatives, generator)
         terms[f"nce_{short}"] = infonce_loss(dots[name].float(), qv)
         total = total + terms[f"trip_{short}"] + cfg.nce_weight * terms[f"nce_{short}"]
     terms["kl_seg"] = terms["kl_obj"] = total.new_zeros(())

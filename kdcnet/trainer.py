@@ -21,6 +21,15 @@ early-stopping state and history, and are written atomically (temp file, then ``
 The data order of an epoch is a pure function of ``(seed, epoch)``, so ``--resume RUN_DIR`` after
 a kill at any moment continues from the last checkpoint and, on CPU with a fixed seed, ends with
 exactly the metrics and parameters of an uninterrupted run.
+
+Several processes (``torchrun --nproc_per_node N -m kdcnet train``; see :mod:`kdcnet.distributed`):
+the encoders run under DistributedDataParallel, each process trains on its share of every step's
+videos (``train.batch_size`` per process) and, with ``train.gather``, computes the losses of the
+global batch from embeddings gathered from every rank. Rank 0 alone logs, shows progress and writes
+the run folder; validation and test evaluation are sharded over the ranks. Checkpoints hold the
+unwrapped model, so a run resumes on any number of processes: the data order of an epoch is a
+function of ``(seed, epoch, number of processes)``, dropout draws of ``(seed, epoch, rank)``, and
+the LR schedule continues at the same fraction of training.
 """
 
 from __future__ import annotations
@@ -42,9 +51,11 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import distributed as D
 from . import evaluate as E
 from . import plots
-from .losses import LOSS_TERMS, compute_losses, kd_weight
+from .distributed import resolve_device
+from .losses import LOSS_TERMS, embedding_losses, kd_weight
 from .metrics import RECALL_KEYS
 from .model import KDCNet
 
@@ -52,15 +63,6 @@ log = logging.getLogger("kdcnet")
 
 
 # ---------------------------------------------------------------------------------- environment
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available to torch here (use --device cpu)")
-    return device
 
 
 def source_commit() -> str:
@@ -73,8 +75,10 @@ def source_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def default_run_dir(cfg: C.Config) -> Path:
-    return Path("runs") / f"{cfg.preset}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_run_dir(cfg: C.Config, kind: str = "") -> Path:
+    """``runs/<preset>[-<kind>]-<YYYYmmdd-HHMMSS>`` by rank 0's clock (the same on every rank)."""
+    stamp = D.broadcast_object(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return Path("runs") / "-".join(part for part in (cfg.preset, kind, stamp) if part)
 
 
 def seed_everything(seed: int) -> None:
@@ -123,14 +127,16 @@ def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
 
 @contextlib.contextmanager
 def console_logging(enabled: bool = True):
-    """Show kdcnet's log on stderr for the duration (no-op when a console handler is attached)."""
+    """Show kdcnet's log on stderr for the duration (no-op when a console handler is attached).
+    Under torchrun only rank 0 logs; the other ranks keep only errors."""
+    main = D.env_rank() == 0
     attached = any(type(h) is logging.StreamHandler for h in log.handlers)
     handler = None
-    if enabled and not attached:
+    if enabled and main and not attached:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.INFO if main else logging.ERROR)
     log.propagate = False
     try:
         yield
@@ -203,9 +209,9 @@ def _progress(iterable, total: int, desc: str, enabled: bool | None):
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
 
 
-def _prepare_run(cfg: C.Config, run_dir: Path, train_set) -> C.Config:
+def _prepare_run(cfg: C.Config, run_dir: Path, train_set, write: bool = True) -> C.Config:
     """Record the resolved data (root, collection, feature folder, dims) in ``cfg``, switch
-    distillation off without a teacher, write the run-folder metadata files."""
+    distillation off without a teacher, write the run-folder metadata files (when ``write``)."""
     cfg.data.root = str(Path(train_set.root).resolve())
     cfg.data.collection, cfg.data.visual_feature = train_set.collection, train_set.visual_feature
     m = cfg.model
@@ -216,6 +222,8 @@ def _prepare_run(cfg: C.Config, run_dir: Path, train_set) -> C.Config:
     if cfg.loss.distill and not train_set.has_teacher:
         log.warning("no CLIP teacher features in %s: distillation is off (loss.distill=false)", train_set.collection)
         cfg.loss.distill = False
+    if not write:
+        return cfg
     C.save(cfg, run_dir / "config.json")
     (run_dir / "git_commit.txt").write_text(source_commit() + "\n")
     from kdc_kernels.info import report
@@ -233,45 +241,56 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
     ``resume=True`` continues the run in ``run_dir`` from its ``last.pt`` (``cfg`` must be the
     run's ``config.json``; see :func:`resume_config`). ``on_epoch_end(epoch, record)`` is called
     after each epoch's checkpoint is written. ``progress``: tqdm bars (None: only on a terminal).
+
+    Under torchrun every process calls it (the process group is created here when none exists);
+    rank 0 alone logs, shows progress and writes ``run_dir`` (which every rank must be able to
+    read: a shared filesystem across machines). Every rank returns the test metrics.
     """
     C.validate(cfg)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    if resume and not (run_dir / "last.pt").is_file():
-        raise ValueError(f"--resume {run_dir}: no last.pt checkpoint there")
-    if not resume and (run_dir / "last.pt").exists():
-        raise ValueError(f"--run-dir {run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
-                         f"or choose another folder")
-    with console_logging(console):
-        device = resolve_device(cfg.train.device)
-        train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)  # bad data fails before the run folder
-        val_set = E.open_split(cfg, cfg.data.val_split)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        runlog = RunLog(run_dir)
-        threads = torch.get_num_threads()
-        try:
-            if cfg.train.threads:
-                torch.set_num_threads(cfg.train.threads)
-            with cpu_determinism(device):
-                return _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end)
-        finally:
-            torch.set_num_threads(threads)
-            runlog.close()
+    with D.session(cfg.train.device) as world:
+        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+        if resume and not (run_dir / "last.pt").is_file():
+            raise ValueError(f"--resume {run_dir}: no last.pt checkpoint there")
+        if not resume and (run_dir / "last.pt").exists():
+            raise ValueError(f"--run-dir {run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
+                             f"or choose another folder")
+        with console_logging(console):
+            device = resolve_device(cfg.train.device)
+            train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)  # bad data fails before the run folder
+            val_set = E.open_split(cfg, cfg.data.val_split)
+            runlog = None
+            if world.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                runlog = RunLog(run_dir)
+            threads = torch.get_num_threads()
+            try:
+                if cfg.train.threads:
+                    torch.set_num_threads(cfg.train.threads)
+                with cpu_determinism(device):
+                    return _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress,
+                                  on_epoch_end)
+            finally:
+                torch.set_num_threads(threads)
+                if runlog is not None:
+                    runlog.close()
 
 
-def _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, on_epoch_end) -> dict:
-    from .data import num_train_batches, train_batches
-
+def _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress, on_epoch_end) -> dict:
     t = cfg.train
     seed_everything(t.seed)
     if not resume:
-        cfg = _prepare_run(cfg, run_dir, train_set)
+        cfg = _prepare_run(cfg, run_dir, train_set, write=world.is_main)
     log.info("run folder %s; device %s; %s: %d train videos / %d captions, %d val videos / %d captions",
              run_dir, device, train_set.collection, len(train_set.video_ids), len(train_set.cap_ids),
              len(val_set.video_ids), len(val_set.cap_ids))
+    if world.size > 1:
+        log.info("%d processes, %d videos per process and step (%d per step); losses over the %s batch",
+                 world.size, t.batch_size, world.size * t.batch_size, "global" if t.gather else "per-process")
     model = KDCNet(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    steps_per_epoch = num_train_batches(train_set, t.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(t.epochs * steps_per_epoch, t.warmup))
+    steps_per_epoch = D.steps_per_epoch(len(train_set.video_ids), t.batch_size, world)
+    schedule = warmup_linear(t.epochs * steps_per_epoch, t.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = {"epoch": -1, "step": 0, "best_sumr": -math.inf, "best_epoch": -1, "bad_epochs": 0,
              "stopped": False, "history": []}
     if resume:
@@ -281,16 +300,21 @@ def _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, o
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         set_rng_state(ckpt["rng"])
-        runlog.rewrite_metrics(state["history"])
+        position = (state["epoch"] + 1) * steps_per_epoch
+        if scheduler.last_epoch != position:  # saved with another number of processes: same fraction of training
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=position - 1)
+        if runlog is not None:
+            runlog.rewrite_metrics(state["history"])
         log.info("resumed from %s after epoch %d (step %d)", run_dir / "last.pt", state["epoch"] + 1, state["step"])
     else:
         log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    encoder = wrap_encoders(model, device)
 
     for epoch in range(state["epoch"] + 1, t.epochs):
         if state["stopped"]:
             break
-        record = _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, epoch, state,
-                              train_batches, steps_per_epoch, progress)
+        record = _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, device, world, epoch,
+                              state, steps_per_epoch, progress)
         improved = record["val/SumR"] > state["best_sumr"]
         if improved:
             state.update(best_sumr=record["val/SumR"], best_epoch=epoch, bad_epochs=0)
@@ -299,13 +323,15 @@ def _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, o
         state["stopped"] = t.early_stop > 0 and state["bad_epochs"] >= t.early_stop
         state["epoch"] = epoch
         state["history"].append(record)
-        runlog.epoch(record)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
-                "config": C.to_dict(cfg)}
-        if improved:
-            atomic_save(ckpt, run_dir / "best.pt")
-        atomic_save(ckpt, run_dir / "last.pt")
+        if world.is_main:
+            runlog.epoch(record)
+            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
+                    "config": C.to_dict(cfg)}
+            if improved:
+                atomic_save(ckpt, run_dir / "best.pt")
+            atomic_save(ckpt, run_dir / "last.pt")
+        D.barrier()  # every rank may read the checkpoints from here on
         log.info("epoch %d/%d  loss %.4f  val SumR %.2f (best %.2f at epoch %d)  %.1f steps/s  %.1fs",
                  epoch + 1, t.epochs, record["loss/total"], record["val/SumR"], state["best_sumr"],
                  state["best_epoch"] + 1, record["steps_per_s"], record["seconds"])
@@ -314,30 +340,79 @@ def _train(cfg, run_dir, resume, device, train_set, val_set, runlog, progress, o
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
-    if cfg.train.plots:
+    if cfg.train.plots and world.is_main:
         plots.training_curves(state["history"], run_dir / "curves.png")
     return evaluate_checkpoint(cfg, run_dir, cfg.data.test_split, device, model=model)
 
 
-def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, epoch, state, train_batches,
+class Encoders(torch.nn.Module):
+    """Both encoders of ``model`` as one ``forward(batch) -> (frames, queries)``, the module that
+    DistributedDataParallel wraps (its gradient hooks need the forward to go through it)."""
+
+    def __init__(self, model: KDCNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.encode_videos(batch), self.model.encode_queries(batch)
+
+
+def wrap_encoders(model: KDCNet, device: torch.device) -> torch.nn.Module:
+    """:class:`Encoders` of ``model``, under DistributedDataParallel when there are several processes."""
+    encoder = Encoders(model)
+    if D.current().size == 1:
+        return encoder
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(encoder, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def step_losses(model: KDCNet, encoder, batch, cfg: C.Config, kd_lambda: float,
+                generator: torch.Generator | None = None) -> dict:
+    """The loss terms of one step: of this process's ``batch`` or, with ``train.gather`` under
+    several processes, of the global batch (every rank's embeddings gathered; the same on every rank)."""
+    frames, queries = encoder(batch)
+    if cfg.train.gather and D.current().size > 1:
+        batch, frames, queries = D.gather_batch(batch, frames, queries)
+    return embedding_losses(model, batch, frames, queries, cfg.loss, kd_lambda, generator=generator)
+
+
+def train_step(model: KDCNet, encoder, batch, optimizer, scheduler, cfg: C.Config, kd_lambda: float,
+               generator: torch.Generator | None = None) -> dict:
+    """One optimisation step on ``batch`` (on the model's device): the losses under autocast,
+    backward, grad-norm clipping, optimizer and scheduler steps. Returns the loss terms."""
+    with E.autocast(cfg, batch.video_lengths.device):
+        terms = step_losses(model, encoder, batch, cfg, kd_lambda, generator)
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return terms
+
+
+def _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, device, world, epoch, state,
                  steps_per_epoch, progress) -> dict:
+    from .data import train_batches
+
     t = cfg.train
     t0 = time.perf_counter()
     lam = kd_weight(cfg.loss, epoch, t.epochs)
     model.train()
+    generator = None
+    if world.size > 1:
+        # Dropout draws per (seed, epoch, rank); hard negatives per (seed, epoch), the same on every
+        # rank (a gathered global batch gets the same negatives everywhere). Neither depends on
+        # the RNG state of a checkpoint, so a resume on any number of processes is well defined.
+        torch.manual_seed(D.derived_seed(t.seed, epoch, world.rank))
+        generator = torch.Generator().manual_seed(D.derived_seed(t.seed, epoch))
     sums = {key: torch.zeros((), device=device) for key in (*LOSS_TERMS, "total")}  # no per-step GPU sync
     steps = 0
-    batches = train_batches(train_set, t.batch_size, seed=t.seed, epoch=epoch)
-    for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", progress):
-        batch = batch.to(device)
-        with E.autocast(cfg, device):
-            terms = compute_losses(model, batch, cfg.loss, lam)
-        optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        scheduler.step()
+    videos = D.epoch_videos(len(train_set.video_ids), t.batch_size, t.seed, epoch, world)
+    batches = train_batches(train_set, t.batch_size, seed=t.seed, epoch=epoch, shuffle=False, video_subset=videos)
+    for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", progress if world.is_main else False):
+        terms = train_step(model, encoder, batch.to(device), optimizer, scheduler, cfg, lam, generator)
         for key in sums:
             sums[key] += terms[key].detach().float()
         steps += 1
@@ -345,9 +420,10 @@ def _train_epoch(model, optimizer, scheduler, train_set, val_set, cfg, device, e
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # steps/s of finished work, not of queued kernels
     train_seconds = time.perf_counter() - t0
+    means = dict(zip(sums, D.mean_over_ranks(torch.stack(list(sums.values()))).unbind()))
     val = E.evaluate(model, val_set, cfg, device, branches=False)
     record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"], "kd_weight": lam}
-    record.update({f"loss/{key}": float(value) / max(1, steps) for key, value in sums.items()})
+    record.update({f"loss/{key}": float(value) / max(1, steps) for key, value in means.items()})
     record.update({f"val/{key}": val[key] for key in (*RECALL_KEYS, "SumR")})
     record.update(steps_per_s=steps / max(train_seconds, 1e-9), seconds=time.perf_counter() - t0)
     return record
@@ -368,7 +444,8 @@ def load_model(cfg: C.Config, run_dir: Path, device: torch.device, checkpoint: s
 def evaluate_checkpoint(cfg: C.Config, run_dir: Path, split: str, device: torch.device, *, model: KDCNet | None = None,
                         checkpoint: str = "best.pt", out=print) -> dict:
     """Load ``checkpoint`` of ``run_dir`` (into ``model`` if given), evaluate ``split``, print the
-    table, save ``<split>_metrics.json`` and the M/V-bin and window-width plots; return the metrics."""
+    table, save ``<split>_metrics.json`` and the M/V-bin and window-width plots; return the metrics.
+    Under several processes every rank calls it (sharded evaluation) and rank 0 prints and writes."""
     if model is None:
         model = load_model(cfg, run_dir, device, checkpoint)
     elif (run_dir / checkpoint).is_file():
@@ -377,6 +454,8 @@ def evaluate_checkpoint(cfg: C.Config, run_dir: Path, split: str, device: torch.
     result, widths = E.evaluate(model, dataset, cfg, device, return_widths=True)
     result["window_widths"] = {name: None if w is None else {"median": float(w.median()), "mean": float(w.mean())}
                                for name, w in widths.items()}
+    if not D.current().is_main:
+        return result
     path = E.save_metrics(result, run_dir, split)
     E.report(result, split, out)
     log.info("saved %s", path)
