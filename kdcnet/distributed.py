@@ -182,7 +182,7 @@ def epoch_videos(num_videos: int, batch_size: int, seed: int, epoch: int, world:
     steps = steps_per_epoch(num_videos, batch_size, world)
     last = num_videos - (steps - 1) * group
     if last < world.size:  # pad the last group with the epoch's first videos: no rank goes empty
-        order = np.concatenate([order, order[:world.size - last]])
+        order = np.concatenate([order, np.resize(order, world.size - last)])
         last = world.size
     parts = []
     for step in range(steps):

@@ -13,6 +13,11 @@ like ``max_similarity_topk`` and :func:`kdcnet.metrics.retrieval_metrics`). Memo
 scores as computed. With ``fusion_weight`` 0 or 1 the fused score is one branch's score and
 ``kdc_kernels.max_similarity_topk`` ranks it directly; it also gives the per-branch recalls
 reported beside the fused ones.
+
+Several processes (torchrun): :func:`evaluate` gives each rank a contiguous run of the batches one
+process would encode (the same embeddings), gathers the query embeddings, ranks each rank's
+videos with the methods above and merges the per-rank top-k lists exactly (:func:`sharded_topk`):
+the result is the single-process one, ties to the lower global video index.
 """
 
 from __future__ import annotations
@@ -163,6 +168,23 @@ def moment_ratios(collection) -> list[float] | None:
     return [m.ratio if m is not None else math.nan for m in map(collection.moments.get, collection.cap_ids)]
 
 
+def sharded_topk(topk, num_queries: int, num_videos: int, k: int, batch_size: int, device: torch.device):
+    """The exact top-k ``(scores, video indices) [Nq, k]`` over all ``num_videos`` videos, ties to
+    the lower index, from ``topk(k') -> (scores, indices)`` that ranks this rank's videos, the
+    :func:`kdcnet.distributed.batch_shard` of ``batch_size`` (indices within the shard). On one
+    process that shard is every video and this is ``topk(k)``."""
+    world = D.current()
+    shard = D.batch_shard(num_videos, batch_size, world.rank, world.size)
+    kk = min(k, len(shard))
+    if kk:
+        scores, top = topk(kk)
+        top = top + shard.start
+    else:
+        scores = torch.empty(num_queries, 0, device=device)
+        top = torch.empty(num_queries, 0, dtype=torch.int64, device=device)
+    return D.merge_topk_across_ranks(scores, top, k, D.shard_counts(num_videos, batch_size, k))
+
+
 def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, branches: bool = True,
              return_widths: bool = False):
     """Rank every video of ``collection`` for every query; return the metrics dict:
@@ -190,20 +212,11 @@ def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, br
         if return_widths:
             widths = {name: None if w is None else D.all_gather_rows(w) for name, w in widths.items()}
     k = min(cfg.eval.k, nv)  # eval.k >= 100, so every recall below is exact
-    counts = D.shard_counts(nv, cfg.eval.batch_size, k)
     targets = torch.as_tensor(collection.cap_video, dtype=torch.int64, device=device)
     impl = cfg.model.impl
 
     def ranks(topk):
-        """Ranks from ``topk(k') -> (scores, indices)`` over this rank's videos, merged over ranks."""
-        kk = min(k, len(video_range))
-        if kk:
-            scores, top = topk(kk)
-            top = top + video_range.start
-        else:
-            scores = torch.empty(nq, 0, device=device)
-            top = torch.empty(nq, 0, dtype=torch.int64, device=device)
-        top = D.merge_topk_across_ranks(scores, top, k, counts)[1]
+        top = sharded_topk(topk, nq, nv, k, cfg.eval.batch_size, device)[1]
         return M.ranks_from_topk(top, targets, nv)
 
     fused = ranks(lambda kk: fused_topk(queries, frames, lengths, cfg.model.fusion_weight, kk,
