@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate the best checkpoint of a run folder on one split: recalls, SumR, "
                                    "chance level, per-M/V-bin table; writes RUN_DIR/<split>_metrics.json.",
                        formatter_class=_Formatter)
-    e.add_argument("--run", metavar="RUN_DIR", required=True, help="run folder written by kdcnet train (required)")
+    e.add_argument("--run", "--run-dir", dest="run", metavar="RUN_DIR", required=True,
+                   help="run folder written by kdcnet train (required; under torchrun spell it --run-dir, "
+                        "as torchrun reads --run as its own --run-path)")
     e.add_argument("--split", choices=("train", "val", "test"), default="test", help="split to evaluate")
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
     e.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's device setting)")

@@ -294,16 +294,25 @@ def test_two_rank_run_resumes_on_one_rank(tiny_root, tmp_path):
 # ------------------------------------------------------------------------------------ torchrun CLI
 
 
-def test_torchrun_train_then_one_process_eval(tiny_root, tmp_path):
-    run = tmp_path / "run"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "kdcnet", "train", "--data-root", str(tiny_root), "--collection", NAME, "--epochs", "1",
-            "--batch-size", "2", "--device", "cpu", "--gather", "--run-dir", str(run), *TINY_SETS]
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdcnet", *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("chance (random ranking)") == 1 and done.stdout.count("run folder:") == 1
+    return done
+
+
+def test_torchrun_train_and_eval_match_one_process(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    done = _torchrun("train", "--data-root", str(tiny_root), "--collection", NAME, "--epochs", "1", "--batch-size", "2",
+                     "--device", "cpu", "--gather", "--run-dir", str(run), *TINY_SETS)
+    assert done.stdout.count("chance (random ranking)") == 1 and done.stdout.count("run folder:") == 1  # rank 0 only
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((run / "config.json").read_text())["train"]["gather"] is True
     sharded = (run / "test_metrics.json").read_text()
     assert cli.main(["eval", "--run", str(run)]) == 0  # one process evaluates the same checkpoint
     assert (run / "test_metrics.json").read_text() == sharded
+
+    _torchrun("eval", "--run-dir", str(run), "--split", "val", "--checkpoint", "last")  # torchrun takes --run itself
+    sharded = (run / "val_metrics.json").read_text()
+    assert cli.main(["eval", "--run", str(run), "--split", "val", "--checkpoint", "last"]) == 0
+    assert (run / "val_metrics.json").read_text() == sharded
