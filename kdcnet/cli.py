@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "activitynet i3d, charades i3d_rgb_lgi - if present, else the only BigFile folder)")
     t.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's, 100 for real data)")
     t.add_argument("--batch-size", type=int, default=None,
-                   help="videos per batch, with all their captions (default: the preset's, 128 for real data)")
+                   help="videos per batch, with all their captions; under torchrun per process "
+                        "(default: the preset's, 128 for real data)")
     t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto = cuda if available)")
     t.add_argument("--impl", choices=IMPLS, default=None,
                    help="kdc_kernels implementation of every op (default: KDC_IMPL or auto = fast paths on GPU)")

@@ -40,14 +40,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .metrics import merge_topk
 
-# torch >= 2.13 names the single-tensor collectives *_single; older versions *_tensor.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8,
            torch.bool)
-_HEADER = 8  # rows, dtype, trailing dims (at most 6) in one small all_gather
+_HEADER = 8  # rows, dtype, number of trailing dims, the trailing dims (at most 5)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,6 @@ class World:
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -65,12 +64,6 @@ class World:
 
 
 # ------------------------------------------------------------------------------ process group
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist
 
 
 def launched() -> bool:
@@ -86,10 +79,9 @@ def env_rank() -> int:
 
 def current() -> World:
     """The :class:`World` of the initialised process group, or a single process."""
-    dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,7 +109,6 @@ def session(device: str = "auto") -> Iterator[World]:
     """The process group for the duration, when launched by torchrun with ``WORLD_SIZE > 1``:
     NCCL when this process's device (:func:`resolve_device`) is a GPU, gloo on the CPU. Yields
     :func:`current`. Re-entrant: inside an existing group (or a single process) it does nothing."""
-    dist = _dist()
     if not launched() or (dist.is_available() and dist.is_initialized()):
         yield current()
         return
@@ -137,7 +128,7 @@ def session(device: str = "auto") -> Iterator[World]:
 
 def barrier() -> None:
     if current().size > 1:
-        _dist().barrier()
+        dist.barrier()
 
 
 def broadcast_object(obj):
@@ -145,7 +136,7 @@ def broadcast_object(obj):
     if current().size == 1:
         return obj
     box = [obj]
-    _dist().broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -155,7 +146,7 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return x
     x = x.detach().clone()
-    _dist().all_reduce(x)
+    dist.all_reduce(x)
     return x / size
 
 
@@ -204,7 +195,7 @@ def batch_shard(num_items: int, batch_size: int, rank: int, size: int) -> range:
 
 
 def _single(name: str):
-    dist = _dist()
+    """``all_gather_single`` / ``reduce_scatter_single`` (torch >= 2.13; ``*_tensor`` before)."""
     return getattr(dist, f"{name}_single", None) or getattr(dist, f"{name}_tensor")
 
 
@@ -226,7 +217,7 @@ class _AllGather(torch.autograd.Function):
 
 
 def _comm_device() -> torch.device:
-    dist = _dist()
+    """Where collectives take tensors: this process's GPU under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
@@ -244,36 +235,42 @@ def _pad_to(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.pad(x, pad) if any(pad) else x
 
 
+def _shapes(x: torch.Tensor | None) -> tuple[list[int], torch.dtype, list[int]]:
+    """Every rank's row count of ``x``, and the dtype and the largest trailing dims of the ranks
+    that pass a tensor (one small all-gather)."""
+    trailing = [] if x is None else list(x.shape[1:])
+    if len(trailing) > _HEADER - 3:
+        raise ValueError(f"all_gather_rows takes at most {_HEADER - 3} trailing dims, got {len(trailing)}")
+    mine = [0, -1, 0] if x is None else [x.shape[0], _DTYPES.index(x.dtype), len(trailing)]
+    headers = all_gather_sizes(*mine, *trailing, *[0] * (_HEADER - 3 - len(trailing)))
+    known = [h for h in headers if h[1] >= 0]
+    if not known:
+        raise ValueError("all_gather_rows: every rank passed None")
+    ndim = known[0][2]
+    return [h[0] for h in headers], _DTYPES[known[0][1]], [max(h[3 + d] for h in known) for d in range(ndim)]
+
+
 def all_gather_rows(x: torch.Tensor | None, counts: Sequence[int] | None = None) -> torch.Tensor:
     """The rows of every rank's ``x [n_r, ...]`` concatenated in rank order, on ``x``'s device,
     differentiable: gradients flow back to this rank's rows (see the module doc).
 
-    Trailing dims may differ between ranks: each is zero-padded to the largest. Without ``counts``
-    a small all-gather first exchanges every rank's shape and dtype, so a rank with no rows may
-    pass None. With ``counts`` (every rank's ``n_r``, known to all) that exchange is skipped, and
-    every rank must pass a tensor of the same trailing shape and dtype.
+    Without ``counts`` a small all-gather first exchanges the shapes: trailing dims may then differ
+    between ranks (each is zero-padded to the largest) and a rank with no rows may pass None.
+    With ``counts`` (every rank's ``n_r``, known to all) that exchange is skipped and every rank
+    passes a tensor of the same trailing dims and dtype.
     """
     world = current()
     if world.size == 1:
         return x
     if counts is None:
-        trailing = [] if x is None else list(x.shape[1:])
-        if len(trailing) > _HEADER - 2:
-            raise ValueError(f"all_gather_rows takes at most {_HEADER - 2} trailing dims, got {len(trailing)}")
-        header = [0 if x is None else x.shape[0], -1 if x is None else _DTYPES.index(x.dtype), len(trailing)]
-        headers = all_gather_sizes(*(header + trailing + [0] * (_HEADER - 3 - len(trailing))))
-        known = [h for h in headers if h[1] >= 0]
-        counts = [h[0] for h in headers]
-        dtype, ndim = _DTYPES[known[0][1]], known[0][2]
-        trail = [max(h[3 + i] for h in known) for i in range(ndim)]
+        counts, dtype, trailing = _shapes(x)
     else:
-        dtype, trail = x.dtype, list(x.shape[1:])
-    home = x.device if x is not None else _comm_device()
+        dtype, trailing = x.dtype, list(x.shape[1:])
+    home, comm = (_comm_device() if x is None else x.device), _comm_device()
     if x is None:
-        x = torch.zeros((0, *trail), dtype=dtype, device=_comm_device())
+        x = torch.zeros((0, *trailing), dtype=dtype, device=comm)
     rows = max(counts)
-    padded = _pad_to(x.to(_comm_device()), [rows, *trail])
-    out = _AllGather.apply(padded, world.size).view(world.size, rows, *trail)
+    out = _AllGather.apply(_pad_to(x.to(comm), [rows, *trailing]), world.size).view(world.size, rows, *trailing)
     return torch.cat([out[r, :n] for r, n in enumerate(counts)]).to(home)
 
 
@@ -316,7 +313,6 @@ def merge_topk_across_ranks(scores: torch.Tensor, indices: torch.Tensor, k: int,
     world = current()
     if world.size == 1:
         return scores, indices
-    dist = _dist()
     device = scores.device
     nq = scores.shape[0]
     best_s = torch.empty(nq, 0, dtype=scores.dtype, device=_comm_device())

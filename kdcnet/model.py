@@ -82,7 +82,8 @@ class HierarchicalSemanticAggregation(nn.Module):
         # left, k//2 on the right; the extra one of an even kernel goes right). Taps are taken one by
         # one (not as a permuted view) so each weight's gradient comes out in the weight's own
         # layout, as DistributedDataParallel's gradient buckets expect.
-        taps = torch.cat([conv.weight[:, :, t] for conv in self.convs for t in range(conv.kernel_size[0])])  # [sum_k k*d, d]
+        taps = torch.cat([conv.weight[:, :, t] for conv in self.convs
+                          for t in range(conv.kernel_size[0])])  # [sum_k k*d, d]
         proj = (x @ taps.T).view(N, L, -1, d)  # [N, L, sum_k k, d]
         phrases, tap = [], 0
         for k, conv in zip(self.scales, self.convs):

@@ -247,32 +247,30 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
     read: a shared filesystem across machines). Every rank returns the test metrics.
     """
     C.validate(cfg)
-    with D.session(cfg.train.device) as world:
+    with D.session(cfg.train.device) as world, console_logging(console):
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
         if resume and not (run_dir / "last.pt").is_file():
             raise ValueError(f"--resume {run_dir}: no last.pt checkpoint there")
         if not resume and (run_dir / "last.pt").exists():
             raise ValueError(f"--run-dir {run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
                              f"or choose another folder")
-        with console_logging(console):
-            device = resolve_device(cfg.train.device)
-            train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)  # bad data fails before the run folder
-            val_set = E.open_split(cfg, cfg.data.val_split)
-            runlog = None
-            if world.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                runlog = RunLog(run_dir)
-            threads = torch.get_num_threads()
-            try:
-                if cfg.train.threads:
-                    torch.set_num_threads(cfg.train.threads)
-                with cpu_determinism(device):
-                    return _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress,
-                                  on_epoch_end)
-            finally:
-                torch.set_num_threads(threads)
-                if runlog is not None:
-                    runlog.close()
+        device = resolve_device(cfg.train.device)
+        train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)  # bad data fails before the run folder
+        val_set = E.open_split(cfg, cfg.data.val_split)
+        runlog = None
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            runlog = RunLog(run_dir)
+        threads = torch.get_num_threads()
+        try:
+            if cfg.train.threads:
+                torch.set_num_threads(cfg.train.threads)
+            with cpu_determinism(device):
+                return _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress, on_epoch_end)
+        finally:
+            torch.set_num_threads(threads)
+            if runlog is not None:
+                runlog.close()
 
 
 def _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress, on_epoch_end) -> dict:
@@ -411,7 +409,8 @@ def _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, 
     steps = 0
     videos = D.epoch_videos(len(train_set.video_ids), t.batch_size, t.seed, epoch, world)
     batches = train_batches(train_set, t.batch_size, seed=t.seed, epoch=epoch, shuffle=False, video_subset=videos)
-    for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", progress if world.is_main else False):
+    bars = progress if world.is_main else False
+    for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", bars):
         terms = train_step(model, encoder, batch.to(device), optimizer, scheduler, cfg, lam, generator)
         for key in sums:
             sums[key] += terms[key].detach().float()

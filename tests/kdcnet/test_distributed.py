@@ -295,7 +295,8 @@ def test_two_rank_run_resumes_on_one_rank(tiny_root, tmp_path):
 
 
 def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kdcnet", *args]
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "kdcnet", *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     return done
