@@ -253,6 +253,37 @@ def test_sharded_evaluation_equals_one_process_exactly(eval_root, tmp_path):
     assert row[:4] == [3, 9, 14, 20]
 
 
+# ------------------------------------------------------------------------------ a whole training run
+
+
+def _deterministic_config(root, batch_size: int):
+    """Dropout 0 and the hardest negative (no random draws): N gathered ranks of batch b train
+    exactly like one process of batch N * b."""
+    cfg = tiny_train_config(root, epochs=2, batch_size=batch_size, gather=True)
+    cfg.model.dropout, cfg.loss.hard_negatives = 0.0, 1
+    return cfg
+
+
+def _gathered_run_worker(rank, root, run):
+    with D.session("cpu"):
+        trainer.train(_deterministic_config(root, 2), run, progress=False, console=False)
+
+
+def test_gathered_run_tracks_one_process_with_the_global_batch(tiny_root, tmp_path):
+    run_ranks(_gathered_run_worker, tiny_root, tmp_path / "two")
+    trainer.train(_deterministic_config(tiny_root, 4), tmp_path / "one", progress=False, console=False)
+    two, one = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("two", "one"))
+    assert len(two) == len(one) == 2
+    for a, b in zip(two, one):
+        assert a["step"] == b["step"] and a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+        for key in b:
+            if key.startswith("loss/"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert (json.loads((tmp_path / "two" / "test_metrics.json").read_text())["SumR"]
+            == pytest.approx(json.loads((tmp_path / "one" / "test_metrics.json").read_text())["SumR"]))
+
+
 # ------------------------------------------------------------------------------------- resume on 1
 
 
