@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None,
                    help="videos per batch, with all their captions; under torchrun per process "
                         "(default: the preset's, 128 for real data)")
-    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto = cuda if available)")
+    t.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N; under torchrun auto/cuda give each "
+                                                  "process cuda:LOCAL_RANK (default: auto = cuda if available)")
     t.add_argument("--impl", choices=IMPLS, default=None,
                    help="kdc_kernels implementation of every op (default: KDC_IMPL or auto = fast paths on GPU)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
