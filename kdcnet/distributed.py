@@ -17,7 +17,7 @@ per epoch, and the last step's smaller group is split as evenly as it goes (size
 one). Only when that last group has fewer than ``N`` videos is it padded with the first videos of
 the epoch's order (those are then seen twice that epoch) so that no rank is left without a video.
 The order is a function of ``(seed, epoch, N)``; with ``train.gather`` the N processes together see
-exactly the batches of one process with ``train.batch_size = N * b``.
+exactly the batches of one process with ``train.batch_size = N * b`` (up to that padding).
 
 Gathering with gradients. :func:`all_gather_rows` concatenates every rank's rows in rank order; its
 backward sums the gradient that every rank's copy of this rank's rows received (a reduce-scatter)
@@ -26,9 +26,10 @@ batch, identical on every rank; the reduce-scatter then gives each rank ``N`` ti
 that loss's gradient and DistributedDataParallel's mean over ranks divides it by ``N`` again: the
 update is that of one process on the whole batch, with no extra scaling.
 
-Evaluation. Each rank encodes a contiguous run of the single process's encoding batches (so its
-embeddings are those one process computes), ranks its shard of the videos for every query and
-the ranks merge their top-k lists exactly (:func:`merge_topk_across_ranks`).
+Evaluation. Each rank encodes a contiguous run of the single process's encoding batches of videos
+and of queries (so its embeddings are those one process computes), the query embeddings are
+gathered, each rank ranks its videos for every query and the ranks merge their top-k lists
+exactly (:func:`merge_topk_across_ranks`).
 """
 
 from __future__ import annotations
