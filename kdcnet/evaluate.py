@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kdc_kernels import max_similarity, max_similarity_topk
+from kdc_kernels.ops.max_similarity.reference import merge_topk
 
 from . import distributed as D
 from . import metrics as M
@@ -157,7 +158,7 @@ def fused_topk(queries: dict, frames: dict, lengths: torch.Tensor, weight: float
         a = max_similarity(inh, frames["inheritance"][v0:v1], lengths[v0:v1], impl=impl)
         b = max_similarity(exp, frames["exploration"][v0:v1], lengths[v0:v1], impl=impl)
         ids = torch.arange(v0, v1, device=inh.device).expand(inh.shape[0], -1)
-        best_s, best_i = M.merge_topk(best_s, best_i, weight * a + (1.0 - weight) * b, ids, k)
+        best_s, best_i = merge_topk(best_s, best_i, weight * a + (1.0 - weight) * b, ids, k)
     return best_s, best_i
 
 

@@ -58,14 +58,6 @@ def ranks_from_topk(topk_indices, targets, num_videos: int) -> torch.Tensor:
     return pos.amin(dim=1) if idx.shape[1] else torch.full_like(targets, num_videos + 1)
 
 
-def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor, new_i: torch.Tensor, k: int):
-    """Merge a running top-k ``(best_s, best_i) [Nq, <=k]`` with new candidates ``[Nq, n]`` whose
-    video indices all exceed the kept ones: descending score, ties to the lower index."""
-    cand_s, cand_i = torch.cat([best_s, new_s], dim=1), torch.cat([best_i, new_i], dim=1)
-    order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
-    return cand_s.gather(1, order), cand_i.gather(1, order)
-
-
 def recalls_from_ranks(ranks) -> dict[str, float]:
     """``{"R@1", "R@5", "R@10", "R@100", "SumR"}`` in percent from 1-based ranks ``[Nq]``."""
     ranks = _as_tensor(ranks, torch.int64)

@@ -139,9 +139,18 @@ def max_similarity_topk_ref(
             block_valid = None if valid is None else valid[v0:v1]
             block = torch.cat([_block_max(qn[q0 : q0 + cq], cn[v0:v1], block_valid)[0] for q0 in range(0, nq, cq)])
             ids = torch.arange(v0, v1, device=qn.device).expand(nq, -1)
-            # Earlier entries hold lower video indices, so a stable descending sort of
-            # [kept, new] breaks ties towards the lower index.
-            cand_s, cand_i = torch.cat([best_s, block], dim=1), torch.cat([best_i, ids], dim=1)
-            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
-            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+            best_s, best_i = merge_topk(best_s, best_i, block, ids, k)
     return best_s, best_i
+
+
+def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor, new_i: torch.Tensor, k: int):
+    """Merge a running top-k ``(best_s, best_i) [Nq, <=k]`` with candidates ``(new_s, new_i) [Nq, n]``
+    whose video indices all exceed the kept ones: the k best, descending, ties to the lower index.
+
+    Kept entries come first and hold the lower indices, so a stable descending sort of
+    ``[kept, new]`` breaks every tie towards the lower video index. Used to stream a corpus in
+    blocks (and by ``kdcnet`` for fused scores and for merging per-rank lists in order).
+    """
+    cand_s, cand_i = torch.cat([best_s, new_s], dim=1), torch.cat([best_i, new_i], dim=1)
+    order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
+    return cand_s.gather(1, order), cand_i.gather(1, order)
