@@ -1,5 +1,5 @@
 """Benchmark ``max_similarity`` and ``max_similarity_topk``: the Triton kernels against the
-competitors of KERNELS.md section 5, in one process, on the same inputs.
+competitors named by the op contract, in one process, on the same inputs.
 
 Competitors:
   triton               ours, bf16 inputs (fp32 scores); ``triton-fp32``: fp32 inputs (IEEE dots)
@@ -12,7 +12,7 @@ Competitors:
   gemm-bf16            a bare bf16 GEMM to [Nq, Nv*L] (over chunks of videos when that does not
                        fit): the ceiling of a fused epilogue
 
-Scenarios (KERNELS.md section 5):
+Scenarios (the op contract's speed targets):
   train        max_similarity fwd+bwd at training shapes, Nq=640, Nv=128, L=128, D=384
   tvr-scores   max_similarity forward at the TVR test set, Nq=10,895, Nv=2,179, L=128, D=384
   tvr-topk     max_similarity_topk (k=100) at the TVR test set

@@ -1,5 +1,5 @@
-"""Benchmark ``windowed_attention``: the Triton kernels against every competitor of KERNELS.md
-section 5, in one process, on the same inputs.
+"""Benchmark ``windowed_attention``: the Triton kernels against every competitor named by the op
+contract's speed section, in one process, on the same inputs.
 
 Competitors:
   reference         the eager PyTorch oracle (materialises [B, H, chunk, L] logits)

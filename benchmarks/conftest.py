@@ -1,6 +1,6 @@
 """pytest-benchmark suite options.
 
-``--bench-shapes``: ``standard`` (the KERNELS.md shapes), ``small`` (scaled down for CPUs and
+``--bench-shapes``: ``standard`` (the op contract's shapes), ``small`` (scaled down for CPUs and
 smoke runs) or ``auto`` (standard on a GPU, small otherwise; the default).
 ``--bench-device``: ``cuda`` or ``cpu`` (default: cuda if available).
 """
@@ -12,7 +12,7 @@ import torch
 def pytest_addoption(parser):
     group = parser.getgroup("kdc benchmarks")
     group.addoption("--bench-shapes", default="auto", choices=("auto", "standard", "small"),
-                    help="shape suite: standard (KERNELS.md), small (CPU/smoke), auto (standard on GPU)")
+                    help="shape suite: standard (op contract), small (CPU/smoke), auto (standard on GPU)")
     group.addoption("--bench-device", default=None, choices=("cuda", "cpu"),
                     help="device to benchmark on (default: cuda if available, else cpu)")
 

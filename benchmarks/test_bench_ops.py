@@ -19,7 +19,7 @@ import torch
 import kdc_kernels as K
 from kdc_kernels import _backend, testing
 
-# name -> (standard shape, small shape); shapes of KERNELS.md sections 1-3 and 5.
+# name -> (standard shape, small shape); the op contract's standard shapes.
 ATTENTION_SHAPES = {
     "prvr-L128": (dict(B=256, H=8, L=128, D=64, cutoff=None), dict(B=8, H=4, L=64, D=32, cutoff=None)),
     "prvr-L32": (dict(B=256, H=8, L=32, D=64, cutoff=None), dict(B=8, H=4, L=32, D=32, cutoff=None)),

@@ -20,7 +20,7 @@ KRD on the inheritance branch (teacher features c, L2-normalised; temperature ta
              + mean_v KL(softmax_n(T[:, v] / tau) || softmax_n(S_inh[:, v] / tau))
     total    = sum_b (trip_b + nce_weight * nce_b) + lambda(e) * (kl_seg + kl_obj)
 
-Choices SPEC.md leaves open, made here:
+Choices the model specification leaves open, made here:
 
 * The t2v negative is drawn uniformly among the ``min(hard_negatives, B - 1)`` highest-scoring
   other videos of the batch, with torch's global CPU generator (restored on resume), so the
@@ -29,7 +29,7 @@ Choices SPEC.md leaves open, made here:
   on every rank.)
 * Reduction: triplet and InfoNCE terms are means (over queries for t2v, over videos for v2t), so
   the loss scale does not grow with the batch; kl_seg is a sum over queries and kl_obj a batch
-  mean, as SPEC.md writes them (``loss.krd_segment_reduction=mean`` averages kl_seg instead; the
+  mean, as the specification writes them (``loss.krd_segment_reduction=mean`` averages kl_seg instead; the
   sum makes distillation the strongest signal early in training, which is what lets the
   synthetic demo learn in a few epochs).
 * Every distillation quantity is computed in fp32 with autocast off (temperature 0.2 magnifies

@@ -18,7 +18,7 @@ multi-head attention with residual and LayerNorm), so it also runs on the fast a
 Padded frames and tokens never change any score: they are masked in every attention, excluded from
 pooling and from the max, and zeroed before every convolution.
 
-Choices the paper leaves open, made here: dropout only where SPEC.md lists it (text input and
+Choices the paper leaves open, made here: dropout only where the specification lists it (text input and
 after the text position embedding, video input, inside DTA and the text MHSA); the HSA gate's
 hidden width is d; an even HSA kernel size k pads k/2 - 1 zeros
 on the left and k/2 on the right ('same' length).

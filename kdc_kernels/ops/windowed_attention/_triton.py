@@ -1,6 +1,6 @@
 r"""Triton kernels for ``windowed_attention``: fused forward and backward.
 
-Maths (KERNELS.md section 1). For batch b, head h, query i, key j::
+Maths (the op contract; see api.windowed_attention). For batch b, head h, query i, key j::
 
     x[i, j] = scale <q_i, k_j> + rel_bias[h, clamp(j - i, -R, R) + R] - (i - j)^2 / (2 sigma_i^2)
     key j is excluded when j >= lengths[b] or |i - j| > cutoff * sigma_i
