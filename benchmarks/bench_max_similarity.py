@@ -300,7 +300,9 @@ def main(argv=None) -> Path:
     rows = []
     for n in names:
         print(f"[{n}] {table[n].label}", flush=True)
-        rows += bench_scenario(table[n], device, args)
+        new = bench_scenario(table[n], device, args)
+        common.print_rows(new)
+        rows += new
     md = common.write_results("max_similarity", args.out, env, rows, COLUMNS)
     plot(rows, Path(args.out) / "max_similarity.png")
     print(md.read_text())

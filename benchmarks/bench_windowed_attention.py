@@ -316,7 +316,9 @@ def main(argv=None) -> Path:
     rows = []
     for s in shapes(device, args.quick):
         print(f"[{s.suite}] {s.label}", flush=True)
-        rows += bench_shape(s, dtype, device, args, copy_bw)
+        new = bench_shape(s, dtype, device, args, copy_bw)
+        common.print_rows(new)
+        rows += new
     rows += scaling_rows(rows)
     md = common.write_results("windowed_attention", args.out, env, rows, COLUMNS)
     plot(rows, Path(args.out) / "windowed_attention.png")

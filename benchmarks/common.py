@@ -114,6 +114,12 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float | N
     return bandwidth_gbs(2 * nbytes, ms)
 
 
+def print_rows(rows: Sequence[dict]) -> None:
+    """One JSON line per result row, flushed at once: a run cut by a time limit keeps what it measured."""
+    for r in rows:
+        print("ROW " + json.dumps(r, default=str), flush=True)
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], floatfmt: str = ".3g") -> str:
     def fmt(v):
         if v is None:
