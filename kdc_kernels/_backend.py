@@ -3,8 +3,10 @@
 Rules (the op contract):
 
 * ``impl=None`` means ``KDC_IMPL`` (default ``"auto"``).
-* ``auto``: CUDA tensors -> ``cuda`` if the compiled extension is loaded and supports the case,
-  else ``triton`` if it can run, else ``reference``; CPU tensors -> ``reference``. ``auto`` never
+* ``auto``: CPU tensors -> ``reference``. CUDA tensors -> per op, the fast path that the recorded GPU
+  measurements show fastest for that GPU generation (``AUTO_MEASURED``; evidence in
+  ``benchmarks/RESULTS.md``), ``triton`` for every op and GPU generation without such a measurement;
+  then the other fast path if the preferred one cannot run the case, then ``reference``. ``auto`` never
   picks the Triton interpreter.
 * An explicit impl that cannot run raises ``NotImplementedError`` listing every reason. There is
   no silent fallback for explicit requests.
@@ -35,8 +37,34 @@ def normalize_impl(impl) -> str:
     return value
 
 
+# Looked up once, at import: torch.compile cannot trace importlib's finders.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+# What ``auto`` picks on CUDA tensors, per (op, compute capability major), from same-run GPU
+# measurements of both fast paths (the table and its evidence: benchmarks/RESULTS.md, "auto").
+# Ops and GPU generations not listed here get Triton.
+AUTO_MEASURED: dict[tuple[str, int], str] = {}
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
+
+
+@torch.compiler.assume_constant_result
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def auto_preference(op_name: str, device: torch.device) -> tuple[str, ...]:
+    """The order in which ``auto`` tries the impls for ``op_name`` on ``device``."""
+    if device.type != "cuda":
+        return ("reference",)
+    first = "triton"
+    if AUTO_MEASURED and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        first = AUTO_MEASURED.get((op_name, _capability_major(index)), "triton")
+    second = "cuda" if first == "triton" else "triton"
+    return (first, second, "reference")
 
 
 def triton_env_reasons(device: torch.device) -> list[str]:
@@ -77,22 +105,15 @@ def resolve(op_name: str, impl, device: torch.device, why_not: WhyNot) -> str:
     """
     requested = normalize_impl(impl)
     if requested == "auto":
-        if device.type == "cuda":
-            for candidate in ("cuda", "triton"):
-                if not why_not(candidate):
-                    return candidate
+        for candidate in auto_preference(op_name, device):
+            if candidate == "reference" or not why_not(candidate):
+                return candidate
         return "reference"
     reasons = why_not(requested)
     if reasons:
         listed = "\n  - ".join(reasons)
         raise NotImplementedError(f"{op_name}(impl={requested!r}) cannot run this call:\n  - {listed}")
     return requested
-
-
-def auto_choice(op_name: str, device_type: str, why_not_for_device: Callable[[torch.device], WhyNot]) -> str:
-    """What ``auto`` would pick for a typical call on ``device_type`` (used by ``info``)."""
-    device = torch.device(device_type)
-    return resolve(op_name, "auto", device, why_not_for_device(device))
 
 
 def impl_module(package: str, impl: str):
@@ -103,17 +124,22 @@ def impl_module(package: str, impl: str):
     ``kdc_kernels``.
     """
     name = f"{package}._{impl}"
-    if importlib.util.find_spec(name) is None:
-        return None
-    _import(name)
-    return sys.modules[name]
+    return sys.modules[name] if _import(name) else None
 
 
 @torch.compiler.assume_constant_result
 def _import(name: str) -> bool:
-    """Import ``name``. torch.compile cannot trace ``importlib.import_module``; marked like this,
-    the import runs eagerly while the caller is traced (fullgraph compile of the ops works)."""
-    importlib.import_module(name)
+    """Import ``name`` if such a module exists; whether it does. torch.compile cannot trace
+    importlib; marked like this, the import runs eagerly while the caller is traced (fullgraph
+    compile of the ops works)."""
+    if name in sys.modules:
+        return True
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:  # the module exists but a dependency of it is missing: a real error
+            raise
+        return False
     return True
 
 

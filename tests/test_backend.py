@@ -22,11 +22,29 @@ def test_auto_on_cpu_is_reference_even_with_interpreter(monkeypatch):
     assert pick == "reference"
 
 
-def test_auto_on_cuda_prefers_cuda_then_triton_then_reference():
+def test_auto_on_cuda_is_triton_until_a_measurement_says_otherwise(monkeypatch):
     cuda = torch.device("cuda")
-    assert _backend.resolve("x", "auto", cuda, lambda name: []) == "cuda"
-    assert _backend.resolve("x", "auto", cuda, lambda name: ["no"] if name == "cuda" else []) == "triton"
+    monkeypatch.setattr(_backend, "AUTO_MEASURED", {})
+    assert _backend.resolve("x", "auto", cuda, lambda name: []) == "triton"
+    assert _backend.resolve("x", "auto", cuda, lambda name: ["no"] if name == "triton" else []) == "cuda"
     assert _backend.resolve("x", "auto", cuda, lambda name: [] if name == "reference" else ["no"]) == "reference"
+
+
+def test_auto_follows_the_measured_table(monkeypatch):
+    """A measured preference for an op and GPU generation is tried first, then the other fast path."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_backend, "AUTO_MEASURED", {("x", 9): "cuda"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_backend, "_capability_major", lambda index: 9)
+    assert _backend.resolve("x", "auto", cuda, lambda name: []) == "cuda"
+    assert _backend.resolve("y", "auto", cuda, lambda name: []) == "triton"
+    assert _backend.resolve("x", "auto", cuda, lambda name: ["no"] if name == "cuda" else []) == "triton"
+    monkeypatch.setattr(_backend, "_capability_major", lambda index: 8)  # another generation: unmeasured
+    assert _backend.resolve("x", "auto", cuda, lambda name: []) == "triton"
+    # an explicit request gets exactly what it asks for, measured or not
+    assert _backend.resolve("x", "cuda", cuda, lambda name: []) == "cuda"
+    with pytest.raises(NotImplementedError):
+        _backend.resolve("x", "cuda", cuda, lambda name: ["not built"] if name == "cuda" else [])
 
 
 def test_explicit_impl_lists_every_reason():

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 import kdc_kernels as K  # noqa: E402
-from kdc_kernels import _config, testing  # noqa: E402
+from kdc_kernels import _backend, _config, testing  # noqa: E402
 from kdc_kernels.ops.max_similarity import _triton as T  # noqa: E402
 from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref  # noqa: E402
 
@@ -453,7 +453,9 @@ def test_auto_picks_triton_on_cuda_and_the_reference_on_cpu(target, monkeypatch)
     args, args32 = _inputs((7, 12, 5, 16), device, dtype, seed=21, requires_grad=True)
     score = K.max_similarity(**args)
     scores, videos = K.max_similarity_topk(**args, k=3)
-    assert bool(launched) == (device == "cuda"), "auto must use Triton on CUDA and never the interpreter"
+    triton_first = _backend.auto_preference("max_similarity", torch.device(device))[0] == "triton"
+    assert bool(launched) == (device == "cuda" and triton_first), \
+        "auto must follow the measured preference on CUDA (Triton until measured) and never use the interpreter"
     testing.check_fast_path(score, max_similarity_ref(**args32), max_similarity_ref(**args), dtype=dtype, name="score")
     _check_topk(scores, videos, args, 3, True, dtype)
     if device == "cpu":  # KDC_IMPL=triton makes impl=None run the (interpreted) kernels
