@@ -12,7 +12,12 @@
 #                    already in the system Python is reused (the venv gets --system-site-packages).
 #   TRITON_SPEC      triton requirement when the venv lacks triton    (triton==3.6.0)
 #   EXTRAS           extras of the editable install                  (dev)
-#   PYTEST_ARGS      extra arguments for pytest in `make test`
+#   NUMPY_SPEC       numpy requirement of the CPU venv (the Triton interpreter needs < 2.4)  (numpy<2.4)
+#
+# A PYTHON that already has a CUDA build of torch (a GPU machine) is used as it is: no venv, no
+# download; kdc-kernels is installed into it offline (editable, no dependencies).
+#   PYTEST_ARGS      extra arguments for pytest in `make test` and `make gpu-test`
+#   GPU_WORKERS      pytest-xdist workers of `make gpu-test`                 (8)
 #   TRAIN_ARGS       extra arguments for the main job in `make train`
 
 PYTHON ?= python3
@@ -21,15 +26,23 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?= auto
 TRITON_SPEC ?= triton==3.6.0
 EXTRAS ?= dev
+NUMPY_SPEC ?= numpy<2.4
+GPU_WORKERS ?= 8
+SYSTEM_CUDA_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1 && echo yes)
+ifeq ($(SYSTEM_CUDA_TORCH),yes)
+PY := $(PYTHON)
+STAMP := build/.kdc-installed
+else
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdc-installed
-export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL TRITON_SPEC EXTRAS
+endif
+export PYTHON VENV TORCH_SPEC TORCH_INDEX_URL TRITON_SPEC EXTRAS NUMPY_SPEC
 
 .PHONY: install train test bench gpu-test gpu-suite clean
 
 $(STAMP): pyproject.toml setup.py scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
-	@touch $@
+	@mkdir -p $(dir $@) && touch $@
 
 install: $(STAMP)
 
@@ -44,11 +57,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks $(PYTEST_ARGS)
 
+# GPU tests in parallel where pytest-xdist is installed, one pinned Triton configuration per case.
 gpu-test: $(STAMP)
-	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+	KDC_AUTOTUNE=0 $(PY) -m pytest -m gpu $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)") $(PYTEST_ARGS)
 
+# The whole GPU check (build, GPU tests, memcheck, quick benchmarks) within a time budget;
+# SUITE_ARGS e.g. "--budget 420 --out /tmp/r". Uses PYTHON as it is (see benchmarks/gpu_suite.py).
 gpu-suite:
-	bash benchmarks/gpu_suite.sh
+	PYTHON=$(PYTHON) bash benchmarks/gpu_suite.sh $(SUITE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

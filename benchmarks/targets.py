@@ -1,0 +1,153 @@
+"""The op contract's speed targets, checked against benchmark rows, beside a roofline prediction.
+
+Plain Python (no torch): the GPU suite's driver and its dry run import it. Rows are the dicts the
+benchmark scripts print as ``ROW {json}`` lines (``benchmarks/common.py`` ``print_rows``).
+
+Roofline: the floor of a shape is max(bytes / bandwidth, FLOPs / matrix rate), with an H200's
+measured ceilings (about 4.3 TB/s device-to-device copy, counting bytes read and written, and about
+790 TFLOP/s for a large bf16 GEMM).
+"""
+
+from __future__ import annotations
+
+COPY_BYTES_PER_S = 4.3e12
+BF16_FLOP_PER_S = 790e12
+OURS = "triton"  # what ``auto`` runs on CUDA until a measurement prefers CUDA
+
+
+def floor_ms(nbytes: float, flops: float) -> float:
+    return max(nbytes / COPY_BYTES_PER_S, flops / BF16_FLOP_PER_S) * 1e3
+
+
+def attention_floor_ms(B: int, H: int, L: int, D: int, mode: str, window: int | None = None, elem: int = 2) -> float:
+    """q, k, v, o (+ dO, dq, dk, dv) once, sigma (+ d sigma); 2 GEMMs forward, 5 backward."""
+    n = B * H * L * D * elem
+    rows = B * H * L * 4
+    keys = min(window, L) if window else L
+    gemm = 2.0 * B * H * L * keys * D
+    nbytes = {"fwd": 4 * n + rows, "bwd": 8 * n + 2 * rows, "fwd+bwd": 12 * n + 3 * rows}[mode]
+    flops = {"fwd": 2 * gemm, "bwd": 5 * gemm, "fwd+bwd": 7 * gemm}[mode]
+    return floor_ms(nbytes, flops)
+
+
+def similarity_floor_ms(nq: int, nv: int, L: int, D: int, backward: bool = False, elem: int = 2) -> float:
+    """Queries and clips read once, fp32 scores written (no [Nq, Nv] for top-k: ignored here);
+    backward: a gather of the argmax clips, gradients written."""
+    nbytes = (nq * D + nv * L * D) * elem + nq * nv * 4
+    flops = 2.0 * nq * nv * L * D
+    if backward:
+        nbytes += (nq * D + nv * L * D) * (elem + 4) + nq * nv * 12
+        flops += 4.0 * nq * nv * D
+    return floor_ms(nbytes, flops)
+
+
+# ---------------------------------------------------------------------------------- selection
+def _pick(rows, **want):
+    for r in rows:
+        if all(r.get(k) == v for k, v in want.items()) and r.get("ms"):
+            return r
+    return None
+
+
+def _attn(rows, L, mode, impl, suite="prvr"):
+    return _pick([r for r in rows if r.get("bench") == "bench-windowed-attention"], suite=suite, L=L, mode=mode,
+                 impl=impl)
+
+
+def _sim(rows, scenario, impl):
+    return _pick([r for r in rows if r.get("bench") == "bench-max-similarity"], scenario=scenario, impl=impl)
+
+
+def _ratio(num, den):
+    return num["ms"] / den["ms"] if num and den else None
+
+
+def _check(value, goal, higher_is_better=True, fmt="{:.2f}x"):
+    if value is None:
+        return "not measured", None
+    met = value >= goal if higher_is_better else value <= goal
+    return fmt.format(value), met
+
+
+def evaluate(rows: list[dict]) -> list[dict]:
+    """One dict per target: target, measured, predicted, met ("met" / "NOT met" / "not measured")."""
+    out = []
+
+    def add(text, measured_met, predicted):
+        measured, met = measured_met
+        out.append(dict(target=text, measured=measured, predicted=predicted,
+                        met="not measured" if met is None else ("met" if met else "NOT met")))
+
+    ours128 = _attn(rows, 128, "fwd+bwd", OURS)
+    pred128 = f"floor {attention_floor_ms(256, 8, 128, 64, 'fwd+bwd'):.3f} ms"
+    for comp, goal in (("reference", 4.0), ("flex", 1.5), ("sdpa-dense-bias", 1.8)):
+        add(f"windowed_attention B=256 H=8 L=128 D=64 fwd+bwd: >= {goal}x {comp}",
+            _check(_ratio(_attn(rows, 128, "fwd+bwd", comp), ours128), goal),
+            pred128 + (f"; ours {ours128['ms']:.3f} ms" if ours128 else ""))
+    ours32 = _attn(rows, 32, "fwd+bwd", OURS)
+    add("windowed_attention L=32 fwd+bwd: >= 2x flex", _check(_ratio(_attn(rows, 32, "fwd+bwd", "flex"), ours32), 2.0),
+        f"floor {attention_floor_ms(256, 8, 32, 64, 'fwd+bwd'):.3f} ms" + (f"; ours {ours32['ms']:.3f} ms" if ours32 else ""))
+    fwd = _attn(rows, 128, "fwd", OURS)
+    floor = attention_floor_ms(256, 8, 128, 64, "fwd")
+    add("windowed_attention L=128 forward: >= 70% of the HBM floor",
+        _check(floor / fwd["ms"] if fwd else None, 0.7, fmt="{:.0%}"), f"floor {floor:.4f} ms")
+    longs = sorted({r["L"] for r in rows if r.get("bench") == "bench-windowed-attention" and r.get("suite") == "long"
+                    and r.get("impl") == OURS and r.get("mode") == "fwd+bwd" and r.get("ms")})
+    if len(longs) >= 2:
+        lo, hi = longs[-2], longs[-1]
+        ratio = _ratio(_attn(rows, hi, "fwd+bwd", OURS, "long"), _attn(rows, lo, "fwd+bwd", OURS, "long"))
+        add(f"windowed_attention cutoff: 2x L -> <= 2.2x time (L={lo} -> {hi})",
+            _check(ratio * lo / hi * 2 if ratio else None, 2.2, higher_is_better=False),
+            f"floor ratio {attention_floor_ms(2, 8, hi, 64, 'fwd+bwd', 385) / attention_floor_ms(2, 8, lo, 64, 'fwd+bwd', 385):.2f}x")
+        add(f"windowed_attention cutoff L={hi}: beats flex with a block mask",
+            _check(_ratio(_attn(rows, hi, "fwd+bwd", "flex", "long"), _attn(rows, hi, "fwd+bwd", OURS, "long")), 1.0),
+            f"floor {attention_floor_ms(2, 8, hi, 64, 'fwd+bwd', 385):.3f} ms")
+    else:
+        add("windowed_attention cutoff: 2x L -> <= 2.2x time", ("not measured", None),
+            f"floor ratio {attention_floor_ms(2, 8, 16384, 64, 'fwd+bwd', 385) / attention_floor_ms(2, 8, 8192, 64, 'fwd+bwd', 385):.2f}x")
+    topk = _sim(rows, "tvr-topk", OURS)
+    tpred = f"floor {similarity_floor_ms(10895, 2179, 128, 384):.2f} ms"
+    add("max_similarity_topk TVR test set: >= 10x the fp32 PRVR pattern",
+        _check(_ratio(_sim(rows, "tvr-topk", "prvr-fp32"), topk), 10.0), tpred)
+    gemm = _sim(rows, "tvr-topk", "gemm-bf16")
+    add("max_similarity_topk TVR test set: >= 60% of the same-run bf16 GEMM TFLOP/s",
+        _check(gemm["ms"] / topk["ms"] if topk and gemm else None, 0.6, fmt="{:.0%}"), tpred)
+    train = _sim(rows, "train", OURS)
+    ref = _sim(rows, "train", "reference")
+    add("max_similarity fwd+bwd 640x128x128x384: >= 3x eager", _check(_ratio(ref, train), 3.0),
+        f"floor {similarity_floor_ms(640, 128, 128, 384, backward=True):.4f} ms" + (f"; ours {train['ms']:.3f} ms" if train else ""))
+    mem = (ref["peak_mib"] / train["peak_mib"]) if train and ref and train.get("peak_mib") and ref.get("peak_mib") else None
+    add("max_similarity fwd+bwd 640x128x128x384: >= 10x lower peak memory than eager", _check(mem, 10.0), "-")
+    return out
+
+
+def rows_table(rows: list[dict]) -> str:
+    """A markdown table of benchmark rows: every key that any row has, in first-seen order."""
+    cols = []
+    for r in rows:
+        for k in r:
+            if k not in cols and k != "bench":
+                cols.append(k)
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v).replace("|", "/")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fake_rows(bench: str) -> list[dict]:
+    """Made-up rows in the real formats, for the suite's dry run (never reported as measurements)."""
+    if bench == "bench-max-similarity":
+        return [dict(scenario="train", shape="train: fake", mode="fwd+bwd", impl=OURS, ms=0.5, peak_mib=10.0),
+                dict(scenario="train", shape="train: fake", mode="fwd+bwd", impl="reference", ms=2.0, peak_mib=200.0),
+                dict(scenario="tvr-topk", shape="tvr-topk: fake", mode="fwd", impl=OURS, ms=5.0),
+                dict(scenario="tvr-topk", shape="tvr-topk: fake", mode="fwd", impl="prvr-fp32", ms=70.0),
+                dict(scenario="tvr-topk", shape="tvr-topk: fake", mode="fwd", impl="gemm-bf16", ms=3.5)]
+    if bench == "bench-windowed-attention":
+        return [dict(suite="prvr", shape="fake L=128", L=128, mode="fwd+bwd", impl=OURS, ms=1.0),
+                dict(suite="prvr", shape="fake L=128", L=128, mode="fwd+bwd", impl="reference", ms=3.0)]
+    return [dict(case="fake", impl="cuda", ms=1.0), dict(case="fake", impl="triton", ms=1.1)]

@@ -1,0 +1,56 @@
+"""The GPU suite's plumbing, without a GPU: ``benchmarks/gpu_suite.py --dry-run`` runs every stage
+as a fake with the real time limits, cuts one stage at its limit, and writes the summary."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "benchmarks" / "gpu_suite.py"
+STAGES = ["environment", "build", "extension", "pytest-gpu", "memcheck", "bench-max-similarity",
+          "bench-windowed-attention", "bench-cuda-kernels"]
+
+
+def _dry(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SUITE), "--dry-run", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=90, cwd=ROOT)
+
+
+def test_dry_run_exercises_every_stage_and_keeps_what_a_cut_stage_measured(tmp_path):
+    done = _dry(tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= 8 and {"summary.md", "suite.json", "logs.tar.gz"} <= set(files), files
+    data = json.loads((tmp_path / "suite.json").read_text())
+    status = {s["name"]: s["status"] for s in data["stages"]}
+    assert list(status) == STAGES
+    assert status["bench-windowed-attention"].startswith("CUT at its 4 s limit")
+    assert status["pytest-gpu"].startswith("FAILED")  # the fake test run has one failure
+    assert all(status[s] == "ok" for s in STAGES if s not in ("bench-windowed-attention", "pytest-gpu"))
+    # rows printed before the cut are kept and reach the target table
+    cut_rows = [r for r in data["rows"] if r["bench"] == "bench-windowed-attention"]
+    assert len(cut_rows) == 2
+    targets = {t["target"]: t for t in data["targets"]}
+    eager = targets["windowed_attention B=256 H=8 L=128 D=64 fwd+bwd: >= 4.0x reference"]
+    assert eager["measured"] == "3.00x" and eager["met"] == "NOT met"
+    assert targets["max_similarity_topk TVR test set: >= 10x the fp32 PRVR pattern"]["met"] == "met"
+    assert targets["windowed_attention L=32 fwd+bwd: >= 2x flex"]["met"] == "not measured"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "tests.fake::test_bad - AssertionError: dry-run failure" in summary
+    assert "ERROR SUMMARY: 0 errors" in summary
+    assert data["environment"]["python"] == sys.version.split()[0]
+    assert "| bench-windowed-attention | CUT" in done.stdout  # the stage table is printed last
+
+
+def test_budget_skips_the_stages_that_no_longer_fit(tmp_path):
+    done = _dry(tmp_path, "--budget", "27")
+    assert done.returncode == 0, done.stderr + done.stdout
+    stages = json.loads((tmp_path / "suite.json").read_text())["stages"]
+    assert stages[0]["name"] == "environment" and stages[0]["status"] == "ok"
+    assert stages[0]["limit_s"] <= 27 - 15
+    assert stages[1]["status"] == "skipped (suite budget spent)", stages
+    # stages that need the build say so; the others were out of budget
+    assert all(s["status"] in ("skipped (suite budget spent)", "skipped (build did not pass)") for s in stages[1:])
