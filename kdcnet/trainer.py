@@ -221,9 +221,14 @@ def open_splits(cfg: C.Config) -> Splits:
             opened.setdefault(("train", False), E.open_split(cfg, "train"))
         else:
             opened.setdefault((split, False), E.open_split(cfg, split))
-    for data in opened.values():
-        check_feature_shapes(data)
     train_set = opened[("train", cfg.loss.distill)]
+    for data in opened.values():
+        if data.text_dim != train_set.text_dim:  # one file, but each split reads the size from its first caption
+            from .data import DataError, text_feature_path
+
+            raise DataError(f"{text_feature_path(data.root, data.collection)}: key {data.cap_ids[0]!r}: "
+                            f"{data.text_dim} features per token, but the train split's have {train_set.text_dim}")
+        check_feature_shapes(data)
     return Splits(train_set, opened[(cfg.data.val_split, False)], opened[(cfg.data.test_split, False)])
 
 
