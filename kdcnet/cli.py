@@ -180,10 +180,11 @@ def run_ablation(cfg: C.Config, run_dir: str | None, progress: bool | None) -> i
     from . import metrics as M
     from . import trainer
     from .distributed import resolve_device
+    from .preflight import preflight
     from .rundir import RunDir, default_run_dir, json_ready
 
     variants = [(name, overrides, C.apply_overrides(cfg, list(overrides))) for name, overrides in ABLATIONS]
-    trainer.preflight(cfg, resolve_device(cfg.train.device))
+    preflight(cfg, resolve_device(cfg.train.device))
     root = Path(run_dir) if run_dir else default_run_dir(cfg, "ablation")
     rows = []
     with RunDir.open(root, create=True) as ablation:
@@ -218,6 +219,7 @@ def cmd_eval(args) -> int:
     from . import evaluate as E
     from . import trainer
     from .distributed import session
+    from .preflight import check_impl
     from .rundir import RunDir
 
     run = Path(args.run)
@@ -226,7 +228,7 @@ def cmd_eval(args) -> int:
     cfg = trainer.resume_config(run, device=args.device, impl=args.impl)
     with session(cfg.train.device):  # under torchrun: sharded evaluation
         device = trainer.resolve_device(cfg.train.device)
-        trainer.check_impl(cfg.model.impl, device)
+        check_impl(cfg.model.impl, device)
         dataset = E.open_split(cfg, args.split)
         with RunDir.open(run, create=False, flag="--run") as folder:
             trainer.evaluate_checkpoint(cfg, folder, args.split, device, dataset=dataset,

@@ -9,10 +9,10 @@ Mutations of the code under test that these tests catch (each applied alone, tes
 | ``atomic_write`` uses the shared name ``.<name>.tmp`` | test_atomic_writes_use_unique_temporary_names |
 | ``RunDir`` takes no ``flock`` | test_a_busy_run_folder_..., test_two_trainings_started_together_on_one_folder |
 | ``RunDir`` leaves stale ``.*.tmp`` files | test_a_run_killed_before_its_first_checkpoint_... (both) |
-| ``open_splits`` skips ``check_feature_shapes`` | test_every_split_is_checked_before_training (4 HDF5 cases) |
+| ``preflight.open_splits`` skips ``check_feature_shapes`` | test_every_split_is_checked_before_training (4 HDF5 cases) |
 | ``load_weights`` skips its key/shape comparison | test_bad_*_checkpoint_* (missing/unexpected weight, other width) |
 | ``validate`` skips the finite check / the hsa_scales bound | test_bad_settings_... (inf/nan cases / hsa_scales=40) |
-| ``preflight`` skips ``check_impl`` | test_bad_settings_...[--impl cuda], test_triton_on_the_cpu_... |
+| ``preflight.preflight`` skips ``check_impl`` | test_bad_settings_...[--impl cuda], test_triton_on_the_cpu_... |
 | ``HierarchicalSemanticAggregation`` without the shift clamp | test_phrase_scales_up_to_max_tokens_... (3 cases) |
 """
 
@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcnet import cli, rundir
+from kdcnet import cli, preflight, rundir
 from kdcnet import config as C
 from kdcnet import trainer
 from kdcnet.data import caption_path, moments_path, teacher_video_path, text_feature_path, video_of
@@ -394,7 +394,7 @@ def test_triton_on_the_cpu_without_the_interpreter_is_refused_before_the_run(tin
     _one_line(err, "KDC_IMPL=triton cannot run on cpu")
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    trainer.check_impl("triton", torch.device("cpu"))  # the interpreter runs Triton kernels on the CPU
+    preflight.check_impl("triton", torch.device("cpu"))  # the interpreter runs Triton kernels on the CPU
 
 
 @pytest.mark.parametrize("k, length", [(8, 3), (8, 1), (5, 2), (4, 1), (7, 7), (3, 5)])
