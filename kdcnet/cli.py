@@ -8,7 +8,8 @@
     kdcnet eval --run RUN_DIR --split test
     kdcnet make-synthetic --out DIR --collection NAME
 
-Bad arguments and bad data end with one line on stderr and exit code 2.
+Bad arguments, bad data, a bad checkpoint and a run folder in use by another process end with one
+line on stderr and exit code 2 (see README, "Failure behaviour").
 """
 
 from __future__ import annotations
