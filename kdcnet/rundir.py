@@ -249,7 +249,7 @@ class RunDir:
             # folders you trust, as for any pickle
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as err:  # torch.load raises many types (EOFError, UnpicklingError, RuntimeError, ...)
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")  # torch's advice omitted
             raise ValueError(f"{path}: cannot be read as a checkpoint, truncated or corrupt "
                              f"({size} bytes; {type(err).__name__}: {first})") from None
         if not isinstance(ckpt, dict):
