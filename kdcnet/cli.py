@@ -8,7 +8,8 @@
     kdcnet eval --run RUN_DIR --split test
     kdcnet make-synthetic --out DIR --collection NAME
 
-Bad arguments and bad data end with one line on stderr and exit code 2.
+Bad arguments, bad data, a bad checkpoint and a run folder in use by another process end with one
+line on stderr and exit code 2 (see README, "Failure behaviour").
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def _say(*args, **kwargs) -> None:
 def cmd_train(args) -> int:
     from . import trainer
     from .distributed import session
+    from .rundir import default_run_dir
 
     if args.resume:
         fixed = [f"--{name.replace('_', '-')}" for name in ("preset", "data_root", "collection", "visual_feature",
@@ -165,7 +167,7 @@ def cmd_train(args) -> int:
     with session(cfg.train.device):
         if args.ablate:
             return run_ablation(cfg, args.run_dir, _progress(args))
-        run_dir = Path(args.run_dir) if args.run_dir else trainer.default_run_dir(cfg)
+        run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
         trainer.train(cfg, run_dir, progress=_progress(args))
     _say(f"run folder: {run_dir}")
     return 0
@@ -173,54 +175,65 @@ def cmd_train(args) -> int:
 
 def run_ablation(cfg: C.Config, run_dir: str | None, progress: bool | None) -> int:
     """Train every variant of :data:`ABLATIONS` into ``run_dir/<variant>`` and print one table.
-    A variant with a finished test evaluation is reused; one with a checkpoint is resumed."""
-    from . import evaluate as E
+    A variant with a finished test evaluation is reused; one with a checkpoint is resumed. Every
+    variant's config and the data are checked before the folder is created; the folder is owned
+    (locked) for the whole ablation, each variant's subfolder by its training."""
     from . import metrics as M
     from . import trainer
-    from .distributed import env_rank
+    from .distributed import resolve_device
+    from .preflight import preflight
+    from .rundir import RunDir, default_run_dir, json_ready
 
-    root = Path(run_dir) if run_dir else trainer.default_run_dir(cfg, "ablation")
+    variants = [(name, overrides, C.apply_overrides(cfg, list(overrides))) for name, overrides in ABLATIONS]
+    preflight(cfg, resolve_device(cfg.train.device))
+    root = Path(run_dir) if run_dir else default_run_dir(cfg, "ablation")
     rows = []
-    for name, overrides in ABLATIONS:
-        folder = root / name.replace(" ", "-")
-        done = folder / f"{cfg.data.test_split}_metrics.json"
-        t0 = time.perf_counter()
-        _say(f"== {name} ({' '.join(overrides) or 'all components'}) -> {folder}", flush=True)
-        if done.is_file():
-            result = json.loads(done.read_text())
-        elif (folder / "last.pt").is_file():
-            result = trainer.train(trainer.resume_config(folder), folder, resume=True, progress=progress,
-                                   console=False)
-        else:
-            result = trainer.train(C.apply_overrides(cfg, list(overrides)), folder, progress=progress, console=False)
-        rows.append({"variant": name, "overrides": " ".join(overrides) or "-",
-                     **{k: result[k] for k in (*M.RECALL_KEYS, "SumR")}, "minutes": (time.perf_counter() - t0) / 60})
-    chance = {"variant": "chance", "overrides": "-", **M.chance_metrics(result["num_videos"])}
-    table = M.format_table(rows + [chance], ["variant", "overrides", *M.RECALL_KEYS, "SumR", "minutes"])
-    header = (f"ablation on {cfg.collection} ({cfg.preset} preset), {cfg.data.test_split} split: "
-              f"{result['num_queries']} queries, {result['num_videos']} videos")
-    _say(header)
-    _say(table)
-    if env_rank() == 0:
-        (root / "ablation.json").write_text(json.dumps(E.json_ready({"header": header, "rows": rows + [chance]}),
-                                                       indent=2) + "\n")
-        (root / "ablation.txt").write_text(header + "\n" + table + "\n")
+    with RunDir.open(root, create=True) as ablation:
+        for name, overrides, variant in variants:
+            folder = root / name.replace(" ", "-")
+            done = folder / f"{cfg.data.test_split}_metrics.json"
+            t0 = time.perf_counter()
+            _say(f"== {name} ({' '.join(overrides) or 'all components'}) -> {folder}", flush=True)
+            if done.is_file():
+                result = json.loads(done.read_text())
+            elif (folder / "last.pt").is_file():
+                result = trainer.train(trainer.resume_config(folder), folder, resume=True, progress=progress,
+                                       console=False)
+            else:
+                result = trainer.train(variant, folder, progress=progress, console=False)
+            rows.append({"variant": name, "overrides": " ".join(overrides) or "-",
+                         **{k: result[k] for k in (*M.RECALL_KEYS, "SumR")},
+                         "minutes": (time.perf_counter() - t0) / 60})
+        chance = {"variant": "chance", "overrides": "-", **M.chance_metrics(result["num_videos"])}
+        table = M.format_table(rows + [chance], ["variant", "overrides", *M.RECALL_KEYS, "SumR", "minutes"])
+        header = (f"ablation on {cfg.collection} ({cfg.preset} preset), {cfg.data.test_split} split: "
+                  f"{result['num_queries']} queries, {result['num_videos']} videos")
+        _say(header)
+        _say(table)
+        ablation.write("ablation.json", json.dumps(json_ready({"header": header, "rows": rows + [chance]}), indent=2) + "\n")
+        ablation.write("ablation.txt", header + "\n" + table + "\n")
     _say(f"saved {root / 'ablation.txt'}")
     return 0
 
 
 def cmd_eval(args) -> int:
+    from . import evaluate as E
     from . import trainer
+    from .distributed import session
+    from .preflight import check_impl
+    from .rundir import RunDir
 
     run = Path(args.run)
     if not (run / "config.json").is_file():
         raise ValueError(f"--run {run}: no config.json there; is it a folder written by kdcnet train?")
     cfg = trainer.resume_config(run, device=args.device, impl=args.impl)
-    from .distributed import session
-
     with session(cfg.train.device):  # under torchrun: sharded evaluation
         device = trainer.resolve_device(cfg.train.device)
-        trainer.evaluate_checkpoint(cfg, run, args.split, device, checkpoint=f"{args.checkpoint}.pt")
+        check_impl(cfg.model.impl, device)
+        dataset = E.open_split(cfg, args.split)
+        with RunDir.open(run, create=False, flag="--run") as folder:
+            trainer.evaluate_checkpoint(cfg, folder, args.split, device, dataset=dataset,
+                                        checkpoint=f"{args.checkpoint}.pt")
     _say(f"saved {run / f'{args.split}_metrics.json'}")
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
@@ -154,9 +155,22 @@ def _check(ok: bool, key: str, want: str, value) -> None:
         raise ValueError(f"{key} must be {want}, got {value!r}")
 
 
+SEED_RANGE = (0, 2**64 - 1)  # what torch.manual_seed takes; numpy gets seed % 2**32
+
+
+def _check_finite(cfg: Config) -> None:
+    """Every float value (of any section) is finite: inf or NaN never reach the optimiser or the model."""
+    for section_name in SECTIONS:
+        section = getattr(cfg, section_name)
+        for name, value in dataclasses.asdict(section).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{section_name}.{name} must be a finite number, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
     """Raise ValueError naming the key for any out-of-range value; return ``cfg``."""
     _check(cfg.preset in PRESETS, "preset", f"one of {PRESETS}", cfg.preset)
+    _check_finite(cfg)
     d, m, lo, t, e = cfg.data, cfg.model, cfg.loss, cfg.train, cfg.eval
     for key, value in (("data.max_frames", d.max_frames), ("data.max_tokens", d.max_tokens),
                        ("model.d", m.d), ("model.heads", m.heads), ("loss.hard_negatives", lo.hard_negatives),
@@ -170,6 +184,8 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
     _check(len(m.hsa_scales) >= 1 and all(k >= 1 for k in m.hsa_scales), "model.hsa_scales",
            "a non-empty list of kernel sizes >= 1 (e.g. 1,2,3)", m.hsa_scales)
+    _check(not m.hsa or max(m.hsa_scales) <= d.max_tokens, "model.hsa_scales",
+           f"phrase widths no longer than a query (data.max_tokens = {d.max_tokens} tokens)", m.hsa_scales)
     _check(m.max_rel_dist >= 0, "model.max_rel_dist", "an int >= 0", m.max_rel_dist)
     _check(m.window in WINDOW_CHOICES, "model.window", f"one of {WINDOW_CHOICES}", m.window)
     _check(m.sigma_min > 0, "model.sigma_min", "> 0", m.sigma_min)
@@ -193,6 +209,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.warmup < 1, "train.warmup", "in [0, 1)", t.warmup)
     _check(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
     _check(t.early_stop >= 0, "train.early_stop", ">= 0 (0 disables early stopping)", t.early_stop)
+    _check(SEED_RANGE[0] <= t.seed <= SEED_RANGE[1], "train.seed (--seed)", "an int in [0, 2**64 - 1]", t.seed)
     _check(m.impl in IMPL_CHOICES, "model.impl", f"one of {IMPL_CHOICES[1:]} or none", m.impl)
     _check(t.threads is None or t.threads >= 1, "train.threads", "none or an int >= 1", t.threads)
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", "auto, cpu, cuda or cuda:N",

@@ -29,7 +29,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kdc_kernels import max_similarity, max_similarity_topk
@@ -39,6 +38,7 @@ from . import distributed as D
 from . import metrics as M
 from .config import Config
 from .model import BRANCHES, KDCNet, length_mask
+from .rundir import atomic_write, json_ready
 
 log = logging.getLogger("kdcnet")
 
@@ -265,19 +265,5 @@ def report(result: dict, split: str, out=print) -> None:
 
 
 def save_metrics(result: dict, run_dir: str | os.PathLike, split: str) -> Path:
-    path = Path(run_dir) / f"{split}_metrics.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_ready(result), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def json_ready(x):
-    """``x`` with NaN floats replaced by None (strict JSON)."""
-    if isinstance(x, dict):
-        return {k: json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_ready(v) for v in x]
-    if isinstance(x, (float, np.floating)) and math.isnan(x):
-        return None
-    return x
+    """``<run_dir>/<split>_metrics.json`` (strict JSON, NaN as null), written atomically."""
+    return atomic_write(Path(run_dir) / f"{split}_metrics.json", json.dumps(json_ready(result), indent=2) + "\n")

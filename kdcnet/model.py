@@ -90,7 +90,7 @@ class HierarchicalSemanticAggregation(nn.Module):
             left = (k - 1) // 2
             out = conv.bias.expand(N, L, d)
             for t in range(k):
-                shift = t - left  # output i reads input i + shift
+                shift = max(-L, min(L, t - left))  # output i reads input i + shift (|shift| >= L: all padding)
                 src = proj[:, max(0, shift): L + min(0, shift), tap + t]
                 out = out + F.pad(src, (0, 0, max(0, -shift), max(0, shift)))
             phrases.append(F.relu(out) * m)  # P_k [N, L, d]

@@ -1,7 +1,9 @@
 """Training: AdamW with linear warm-up then linear decay, grad-norm clipping, bf16 autocast on GPU,
 early stopping on validation SumR, and a run folder that survives being killed.
 
-Run folder (``--run-dir``, default ``runs/<preset>-<YYYYmmdd-HHMMSS>``):
+Run folder (``--run-dir``, default ``runs/<preset>-<YYYYmmdd-HHMMSS>``; held by a
+:class:`kdcnet.rundir.RunDir`, which owns it for one process at a time and writes every file
+atomically):
 
 | file | contents |
 | --- | --- |
@@ -15,12 +17,22 @@ Run folder (``--run-dir``, default ``runs/<preset>-<YYYYmmdd-HHMMSS>``):
 | ``<split>_metrics.json`` | final evaluation of the best checkpoint |
 | ``curves.png`` | each loss term and validation SumR per epoch (when matplotlib is installed) |
 | ``<split>_mv_bins.png``, ``<split>_window_widths.png`` | recall per M/V bin; histogram of the learned DTA window widths |
+| ``.lock`` | the lock of the process that owns the folder |
 
-Checkpoints hold the model, optimizer, scheduler, epoch, step, torch/numpy/python RNG states,
-early-stopping state and history, and are written atomically (temp file, then ``os.replace``).
-The data order of an epoch is a pure function of ``(seed, epoch)``, so ``--resume RUN_DIR`` after
-a kill at any moment continues from the last checkpoint and, on CPU with a fixed seed, ends with
-exactly the metrics and parameters of an uninterrupted run.
+Before the first epoch, and before the run folder is created, :func:`train` checks everything it
+can: the config (:func:`kdcnet.config.validate`), the device and the kdc_kernels implementation
+and every split the run uses - train, validation and test - with the shapes of their HDF5
+entries (see :mod:`kdcnet.preflight`). A bad value, file or checkpoint raises a ValueError
+whose one-line message names it.
+
+Checkpoints hold the model, optimizer, scheduler, the :class:`TrainState` (epoch, step,
+early-stopping state, history), the torch/numpy/python RNG states and the config. The data order
+of an epoch is a pure function of ``(seed, epoch)``, so ``--resume RUN_DIR`` after a kill at any
+moment continues from the last checkpoint and, on CPU with a fixed seed, ends with exactly the
+metrics and parameters of an uninterrupted run. A run killed before its first checkpoint starts
+from scratch, with its saved config on ``--resume`` (the same run again) or with the given one on a
+new ``kdcnet train --run-dir`` of the same folder; the abandoned attempt's metrics and ``best.pt``
+are dropped.
 
 Several processes (``torchrun --nproc_per_node N -m kdcnet train``; see :mod:`kdcnet.distributed`):
 the encoders run under DistributedDataParallel, each process trains on its share of every step's
@@ -35,15 +47,13 @@ the LR schedule continues at the same fraction of training.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
 import logging
 import math
 import os
 import random
-import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -58,27 +68,13 @@ from .distributed import resolve_device
 from .losses import LOSS_TERMS, embedding_losses, kd_weight
 from .metrics import RECALL_KEYS
 from .model import KDCNet
+from .preflight import Splits, preflight, resolve_data
+from .rundir import RunDir, default_run_dir
 
 log = logging.getLogger("kdcnet")
 
 
 # ---------------------------------------------------------------------------------- environment
-
-
-def source_commit() -> str:
-    """``git describe --always --dirty`` of the tree this package was loaded from, or "unknown"."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def default_run_dir(cfg: C.Config, kind: str = "") -> Path:
-    """``runs/<preset>[-<kind>]-<YYYYmmdd-HHMMSS>`` by rank 0's clock (the same on every rank)."""
-    stamp = D.broadcast_object(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    return Path("runs") / "-".join(part for part in (cfg.preset, kind, stamp) if part)
 
 
 def seed_everything(seed: int) -> None:
@@ -100,17 +96,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, flush to disk, then ``os.replace``: a kill
-    at any moment leaves either the old or the new file, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def warmup_linear(total_steps: int, warmup: float) -> Callable[[int], float]:
@@ -162,74 +147,51 @@ def cpu_determinism(device: torch.device):
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-class RunLog:
-    """The run's log file, ``metrics.jsonl`` and optional TensorBoard events."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.handler = logging.FileHandler(run_dir / "train.log")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(self.handler)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir))
-        except ImportError:
-            self.tb = None
-            log.info("tensorboard is not installed: no TensorBoard events (pip install tensorboard)")
-
-    def rewrite_metrics(self, history: list[dict]) -> None:
-        tmp = self.run_dir / ".metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(E.json_ready(h)) + "\n" for h in history))
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
-
-    def epoch(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(E.json_ready(record)) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("epoch", "step") and math.isfinite(value):
-                    self.tb.add_scalar(key, value, record["epoch"] + 1)
-            self.tb.flush()
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        log.removeHandler(self.handler)
-        self.handler.close()
-
-
 # ---------------------------------------------------------------------------------------- train
 
 
-def _progress(iterable, total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
+@dataclass
+class TrainState:
+    """Where training stands after ``epoch`` (-1: none yet); saved in every checkpoint as a dict."""
 
-    disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
+    epoch: int = -1
+    step: int = 0
+    best_sumr: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TrainState":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != names:
+            got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+            raise ValueError(f"expected the entries {sorted(names)}, got {got}")
+        return cls(**raw)
 
 
-def _prepare_run(cfg: C.Config, run_dir: Path, train_set, write: bool = True) -> C.Config:
-    """Record the resolved data (root, collection, feature folder, dims) in ``cfg``, switch
-    distillation off without a teacher, write the run-folder metadata files (when ``write``)."""
-    cfg.data.root = str(Path(train_set.root).resolve())
-    cfg.data.collection, cfg.data.visual_feature = train_set.collection, train_set.visual_feature
-    m = cfg.model
-    for key, value in (("visual_dim", train_set.visual_dim), ("text_dim", train_set.text_dim)):
-        if getattr(m, key) not in (None, value):
-            raise ValueError(f"model.{key} = {getattr(m, key)} but the data has {value}")
-        setattr(m, key, value)
-    if cfg.loss.distill and not train_set.has_teacher:
-        log.warning("no CLIP teacher features in %s: distillation is off (loss.distill=false)", train_set.collection)
-        cfg.loss.distill = False
-    if not write:
-        return cfg
-    C.save(cfg, run_dir / "config.json")
-    (run_dir / "git_commit.txt").write_text(source_commit() + "\n")
-    from kdc_kernels.info import report
+@dataclass
+class Loop:
+    """Everything one training run works with, built once by :func:`train`."""
 
-    (run_dir / "environment.txt").write_text(report() + "\n")
-    return cfg
+    cfg: C.Config
+    device: torch.device
+    world: D.World
+    data: Splits
+    model: KDCNet
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: Callable[[int], float]
+    steps_per_epoch: int
+    progress: bool | None
+    on_epoch_end: Callable[[int, dict], None] | None
+    run: RunDir | None = None
+    encoder: torch.nn.Module | None = None  # both encoders, under DDP with several processes (see wrap_encoders)
+    state: TrainState = field(default_factory=TrainState)
 
 
 def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bool = False,
@@ -239,8 +201,13 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
     test metrics dict (also saved as ``<test_split>_metrics.json``).
 
     ``resume=True`` continues the run in ``run_dir`` from its ``last.pt`` (``cfg`` must be the
-    run's ``config.json``; see :func:`resume_config`). ``on_epoch_end(epoch, record)`` is called
-    after each epoch's checkpoint is written. ``progress``: tqdm bars (None: only on a terminal).
+    run's ``config.json``; see :func:`resume_config`), or starts it from scratch when it was killed
+    before its first checkpoint. ``on_epoch_end(epoch, record)`` is called after each epoch's
+    checkpoint is written. ``progress``: tqdm bars (None: only on a terminal).
+
+    Raises ValueError (one line, naming the value, file or folder) for anything found wrong before
+    the first epoch (see the module doc), when ``run_dir`` is owned by another process, holds a run
+    already (without ``resume``), or its checkpoint cannot be loaded.
 
     Under torchrun every process calls it (the process group is created here when none exists);
     rank 0 alone logs, shows progress and writes ``run_dir`` (which every rank must be able to
@@ -249,98 +216,149 @@ def train(cfg: C.Config, run_dir: str | os.PathLike | None = None, *, resume: bo
     C.validate(cfg)
     with D.session(cfg.train.device) as world, console_logging(console):
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-        if resume and not (run_dir / "last.pt").is_file():
-            raise ValueError(f"--resume {run_dir}: no last.pt checkpoint there")
-        if not resume and (run_dir / "last.pt").exists():
-            raise ValueError(f"--run-dir {run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
-                             f"or choose another folder")
+        if resume and not (run_dir / "last.pt").is_file() and not (run_dir / "config.json").is_file():
+            raise ValueError(f"--resume {run_dir}: no last.pt checkpoint there (and no config.json: "
+                             f"not a run folder of kdcnet train)")
         device = resolve_device(cfg.train.device)
-        train_set = E.open_split(cfg, "train", teacher=cfg.loss.distill)  # bad data fails before the run folder
-        val_set = E.open_split(cfg, cfg.data.val_split)
-        runlog = None
-        if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            runlog = RunLog(run_dir)
+        data = preflight(cfg, device)  # everything checkable is checked before the run folder exists
+        if not resume:
+            cfg = resolve_data(cfg, data.train)
         threads = torch.get_num_threads()
         try:
             if cfg.train.threads:
                 torch.set_num_threads(cfg.train.threads)
             with cpu_determinism(device):
-                return _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress, on_epoch_end)
+                loop = _build(cfg, device, world, data, progress, on_epoch_end)
+                with RunDir.open(run_dir, create=not resume, flag="--resume" if resume else "--run-dir") as run:
+                    loop.run = run
+                    _start(loop, resume)
+                    return _train(loop)
         finally:
             torch.set_num_threads(threads)
-            if runlog is not None:
-                runlog.close()
 
 
-def _train(cfg, run_dir, resume, device, world, train_set, val_set, runlog, progress, on_epoch_end) -> dict:
+def _build(cfg: C.Config, device: torch.device, world: D.World, data: Splits, progress, on_epoch_end) -> Loop:
+    """The seeded model, optimizer and LR schedule of a new run (a resume then loads its checkpoint)."""
     t = cfg.train
     seed_everything(t.seed)
-    if not resume:
-        cfg = _prepare_run(cfg, run_dir, train_set, write=world.is_main)
+    model = KDCNet(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    steps_per_epoch = D.steps_per_epoch(len(data.train.video_ids), t.batch_size, world)
+    schedule = warmup_linear(t.epochs * steps_per_epoch, t.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return Loop(cfg, device, world, data, model, optimizer, scheduler, schedule, steps_per_epoch, progress,
+                on_epoch_end)
+
+
+def restore(path: Path, what: str, load: Callable[[], object]):
+    """``load()``, with any failure to fit the checkpoint's ``what`` into this run turned into a
+    one-line ValueError naming the file."""
+    try:
+        return load()
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: its {what} does not fit this run ({first})") from None
+
+
+def load_weights(model: KDCNet, weights: dict, path: Path) -> None:
+    """Load the state dict ``weights`` of checkpoint ``path`` into ``model``; ValueError naming the
+    file and the first differences when they do not match (another config or model version)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {list(weights[k].shape)} in the file, {list(own[k].shape)} here"
+              for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape of", shapes)) if items]
+        raise ValueError(f"{path}: the checkpoint's model does not match the config ({'; '.join(parts)})")
+    restore(path, "model", lambda: model.load_state_dict(weights))
+
+
+def _start(loop: Loop, resume: bool) -> None:
+    """Under the folder's lock: continue from ``last.pt``, or start from scratch (writing the run's
+    metadata and dropping what an attempt killed before its first checkpoint left)."""
+    run, cfg, state = loop.run, loop.cfg, loop.state
+    has_checkpoint = D.broadcast_object(run.has("last.pt"))  # rank 0 decides, holding the lock
+    if has_checkpoint and not resume:
+        raise ValueError(f"--run-dir {run.path} already holds a run (last.pt); resume it with --resume {run.path} "
+                         f"or choose another folder")
+    if has_checkpoint:
+        path = run / "last.pt"
+        ckpt = run.load_checkpoint("last.pt")
+        load_weights(loop.model, ckpt["model"], path)
+        restore(path, "optimizer state", lambda: loop.optimizer.load_state_dict(ckpt["optimizer"]))
+        restore(path, "scheduler state", lambda: loop.scheduler.load_state_dict(ckpt["scheduler"]))
+        loop.state = state = restore(path, "training state", lambda: TrainState.from_dict(ckpt["state"]))
+        restore(path, "RNG state", lambda: set_rng_state(ckpt["rng"]))
+        position = (state.epoch + 1) * loop.steps_per_epoch
+        if loop.scheduler.last_epoch != position:  # saved with another number of processes: same fraction of training
+            loop.scheduler = torch.optim.lr_scheduler.LambdaLR(loop.optimizer, loop.schedule, last_epoch=position - 1)
+    else:
+        run.remove("best.pt")  # of an attempt killed before its first last.pt
+        run.write_metadata(cfg)
+    loop.encoder = wrap_encoders(loop.model, loop.device)
+    run.open_log()  # only now: a refused start leaves the log untouched
+    run.write_metrics(state.history)  # drops the lines of epochs after the checkpoint (or of an abandoned attempt)
+    if has_checkpoint:
+        log.info("resumed from %s after epoch %d (step %d)", run / "last.pt", state.epoch + 1, state.step)
+    elif resume:
+        log.info("%s has no checkpoint yet (killed during its first epoch): starting from scratch with its config",
+                 run.path)
+
+
+def _train(loop: Loop) -> dict:
+    cfg, device, world, run, data, model = loop.cfg, loop.device, loop.world, loop.run, loop.data, loop.model
+    t, state = cfg.train, loop.state
     log.info("run folder %s; device %s; %s: %d train videos / %d captions, %d val videos / %d captions",
-             run_dir, device, train_set.collection, len(train_set.video_ids), len(train_set.cap_ids),
-             len(val_set.video_ids), len(val_set.cap_ids))
+             run.path, device, data.train.collection, len(data.train.video_ids), len(data.train.cap_ids),
+             len(data.val.video_ids), len(data.val.cap_ids))
     if world.size > 1:
         log.info("%d processes, %d videos per process and step (%d per step); losses over the %s batch",
                  world.size, t.batch_size, world.size * t.batch_size, "global" if t.gather else "per-process")
-    model = KDCNet(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    steps_per_epoch = D.steps_per_epoch(len(train_set.video_ids), t.batch_size, world)
-    schedule = warmup_linear(t.epochs * steps_per_epoch, t.warmup)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state = {"epoch": -1, "step": 0, "best_sumr": -math.inf, "best_epoch": -1, "bad_epochs": 0,
-             "stopped": False, "history": []}
-    if resume:
-        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
-        position = (state["epoch"] + 1) * steps_per_epoch
-        if scheduler.last_epoch != position:  # saved with another number of processes: same fraction of training
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=position - 1)
-        if runlog is not None:
-            runlog.rewrite_metrics(state["history"])
-        log.info("resumed from %s after epoch %d (step %d)", run_dir / "last.pt", state["epoch"] + 1, state["step"])
-    else:
+    if state.epoch < 0:
         log.info("model: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    encoder = wrap_encoders(model, device)
 
-    for epoch in range(state["epoch"] + 1, t.epochs):
-        if state["stopped"]:
+    for epoch in range(state.epoch + 1, t.epochs):
+        if state.stopped:
             break
-        record = _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, device, world, epoch,
-                              state, steps_per_epoch, progress)
-        improved = record["val/SumR"] > state["best_sumr"]
+        record = _train_epoch(loop, epoch)
+        improved = record["val/SumR"] > state.best_sumr
         if improved:
-            state.update(best_sumr=record["val/SumR"], best_epoch=epoch, bad_epochs=0)
+            state.best_sumr, state.best_epoch, state.bad_epochs = record["val/SumR"], epoch, 0
         else:
-            state["bad_epochs"] += 1
-        state["stopped"] = t.early_stop > 0 and state["bad_epochs"] >= t.early_stop
-        state["epoch"] = epoch
-        state["history"].append(record)
-        if world.is_main:
-            runlog.epoch(record)
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state(),
+            state.bad_epochs += 1
+        state.stopped = t.early_stop > 0 and state.bad_epochs >= t.early_stop
+        state.epoch = epoch
+        state.history.append(record)
+        if run.main:
+            ckpt = {"model": model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+                    "scheduler": loop.scheduler.state_dict(), "state": state.to_dict(), "rng": rng_state(),
                     "config": C.to_dict(cfg)}
             if improved:
-                atomic_save(ckpt, run_dir / "best.pt")
-            atomic_save(ckpt, run_dir / "last.pt")
+                run.save_checkpoint("best.pt", ckpt)
+            run.save_checkpoint("last.pt", ckpt)
+            run.write_metrics(state.history)  # after the checkpoint: never ahead of it
+            run.log_scalars(record, epoch + 1)
         D.barrier()  # every rank may read the checkpoints from here on
         log.info("epoch %d/%d  loss %.4f  val SumR %.2f (best %.2f at epoch %d)  %.1f steps/s  %.1fs",
-                 epoch + 1, t.epochs, record["loss/total"], record["val/SumR"], state["best_sumr"],
-                 state["best_epoch"] + 1, record["steps_per_s"], record["seconds"])
-        if state["stopped"]:
+                 epoch + 1, t.epochs, record["loss/total"], record["val/SumR"], state.best_sumr,
+                 state.best_epoch + 1, record["steps_per_s"], record["seconds"])
+        if state.stopped:
             log.info("early stop: no validation SumR gain for %d epochs", t.early_stop)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
+        if loop.on_epoch_end is not None:
+            loop.on_epoch_end(epoch, record)
 
-    if cfg.train.plots and world.is_main:
-        plots.training_curves(state["history"], run_dir / "curves.png")
-    return evaluate_checkpoint(cfg, run_dir, cfg.data.test_split, device, model=model)
+    if cfg.train.plots and run.main:
+        plots.training_curves(state.history, run / "curves.png")
+    return evaluate_checkpoint(cfg, run, cfg.data.test_split, device, model=model, dataset=data.test)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty() if enabled is None else not enabled
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
 
 
 class Encoders(torch.nn.Module):
@@ -390,9 +408,12 @@ def train_step(model: KDCNet, encoder, batch, optimizer, scheduler, cfg: C.Confi
     return terms
 
 
-def _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, device, world, epoch, state,
-                 steps_per_epoch, progress) -> dict:
+def _train_epoch(loop: Loop, epoch: int) -> dict:
     from .data import train_batches
+
+    model, encoder, optimizer, scheduler = loop.model, loop.encoder, loop.optimizer, loop.scheduler
+    train_set, val_set, cfg, device, world = loop.data.train, loop.data.val, loop.cfg, loop.device, loop.world
+    state, steps_per_epoch, progress = loop.state, loop.steps_per_epoch, loop.progress
 
     t = cfg.train
     t0 = time.perf_counter()
@@ -415,13 +436,13 @@ def _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, 
         for key in sums:
             sums[key] += terms[key].detach().float()
         steps += 1
-    state["step"] += steps
+    state.step += steps
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # steps/s of finished work, not of queued kernels
     train_seconds = time.perf_counter() - t0
     means = dict(zip(sums, D.mean_over_ranks(torch.stack(list(sums.values()))).unbind()))
     val = E.evaluate(model, val_set, cfg, device, branches=False)
-    record = {"epoch": epoch, "step": state["step"], "lr": optimizer.param_groups[0]["lr"], "kd_weight": lam}
+    record = {"epoch": epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"], "kd_weight": lam}
     record.update({f"loss/{key}": float(value) / max(1, steps) for key, value in means.items()})
     record.update({f"val/{key}": val[key] for key in (*RECALL_KEYS, "SumR")})
     record.update(steps_per_s=steps / max(train_seconds, 1e-9), seconds=time.perf_counter() - t0)
@@ -431,36 +452,29 @@ def _train_epoch(model, encoder, optimizer, scheduler, train_set, val_set, cfg, 
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def load_model(cfg: C.Config, run_dir: Path, device: torch.device, checkpoint: str = "best.pt") -> KDCNet:
-    path = run_dir / checkpoint
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: no checkpoint {checkpoint}; is this a run folder of kdcnet train?")
-    model = KDCNet(cfg).to(device)
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
-    return model
-
-
-def evaluate_checkpoint(cfg: C.Config, run_dir: Path, split: str, device: torch.device, *, model: KDCNet | None = None,
-                        checkpoint: str = "best.pt", out=print) -> dict:
-    """Load ``checkpoint`` of ``run_dir`` (into ``model`` if given), evaluate ``split``, print the
+def evaluate_checkpoint(cfg: C.Config, run: RunDir, split: str, device: torch.device, *, model: KDCNet | None = None,
+                        dataset=None, checkpoint: str = "best.pt", out=print) -> dict:
+    """Load ``checkpoint`` of ``run`` (into ``model`` if given; a missing checkpoint then keeps
+    ``model`` as it is), evaluate ``split`` (``dataset`` if given, else opened here), print the
     table, save ``<split>_metrics.json`` and the M/V-bin and window-width plots; return the metrics.
-    Under several processes every rank calls it (sharded evaluation) and rank 0 prints and writes."""
-    if model is None:
-        model = load_model(cfg, run_dir, device, checkpoint)
-    elif (run_dir / checkpoint).is_file():
-        model.load_state_dict(torch.load(run_dir / checkpoint, map_location=device, weights_only=False)["model"])
-    dataset = E.open_split(cfg, split)
+    A checkpoint that cannot be loaded raises a one-line ValueError naming it. Under several
+    processes every rank calls it (sharded evaluation) and rank 0 prints and writes."""
+    dataset = dataset if dataset is not None else E.open_split(cfg, split)
+    if model is None or run.has(checkpoint):
+        ckpt = run.load_checkpoint(checkpoint, map_location=device, need=("model",))
+        model = model if model is not None else KDCNet(cfg).to(device)
+        load_weights(model, ckpt["model"], run / checkpoint)
     result, widths = E.evaluate(model, dataset, cfg, device, return_widths=True)
     result["window_widths"] = {name: None if w is None else {"median": float(w.median()), "mean": float(w.mean())}
                                for name, w in widths.items()}
-    if not D.current().is_main:
+    if not run.main:
         return result
-    path = E.save_metrics(result, run_dir, split)
+    path = E.save_metrics(result, run.path, split)
     E.report(result, split, out)
     log.info("saved %s", path)
     if cfg.train.plots:
-        plots.bin_recall(result["mv_bins"], run_dir / f"{split}_mv_bins.png")
-        plots.window_widths(widths, run_dir / f"{split}_window_widths.png")
+        plots.bin_recall(result["mv_bins"], run / f"{split}_mv_bins.png")
+        plots.window_widths(widths, run / f"{split}_window_widths.png")
     return result
 
 

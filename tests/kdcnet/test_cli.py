@@ -106,3 +106,20 @@ def test_make_synthetic_is_mounted(tmp_path, capsys):
                      "--min-frames", "4", "--max-frames", "8"]) == 0
     assert (tmp_path / "mini" / "TextData").is_dir()
     assert cli.main(["make-synthetic", "--out", str(tmp_path), "--collection", "mini", "--videos", "12"]) == 2
+
+
+def test_ablation_trains_every_variant_and_continues(tiny_root, tmp_path, capsys):
+    run = tmp_path / "ablation"
+    argv = ["train", "--ablate", "--data-root", str(tiny_root), "--collection", NAME, "--epochs", "1", "--device", "cpu",
+            "--run-dir", str(run), *TINY_SETS]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    saved = json.loads((run / "ablation.json").read_text())
+    assert [row["variant"] for row in saved["rows"]] == [name for name, _ in cli.ABLATIONS] + ["chance"]
+    assert (run / "ablation.txt").read_text().strip() in out
+    for name, _ in cli.ABLATIONS:
+        assert (run / name.replace(" ", "-") / "test_metrics.json").is_file()
+    (run / "no-DTA" / "test_metrics.json").unlink()  # as if killed after its last checkpoint
+    assert cli.main(argv) == 0  # finished variants are reused, the interrupted one resumed
+    again = json.loads((run / "ablation.json").read_text())
+    assert [row["SumR"] for row in again["rows"]] == [row["SumR"] for row in saved["rows"]]

@@ -53,10 +53,27 @@ def test_overrides_convert_to_the_field_types():
     ("model.fusion_weight=1.5", r"model.fusion_weight must be in \[0, 1\], got 1.5"),
     ("model.impl=fast", r"model.impl must be one of"),
     ("train.device=tpu", r"train.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("train.lr=inf", r"train.lr must be a finite number, got inf"),
+    ("train.weight_decay=nan", r"train.weight_decay must be a finite number, got nan"),
+    ("model.sigma_min=-inf", r"model.sigma_min must be a finite number, got -inf"),
+    ("model.cutoff=inf", r"model.cutoff must be a finite number, got inf"),
+    ("loss.margin=inf", r"loss.margin must be a finite number, got inf"),
+    ("model.hsa_scales=1,31", r"model.hsa_scales must be phrase widths no longer than a query "
+                              r"\(data.max_tokens = 30 tokens\), got \(1, 31\)"),
+    ("train.seed=-1", r"train.seed \(--seed\) must be an int in \[0, 2\*\*64 - 1\], got -1"),
+    (f"train.seed={2**64}", rf"train.seed \(--seed\) must be an int in \[0, 2\*\*64 - 1\], got {2**64}"),
 ])
 def test_bad_overrides_name_the_key(item, message):
     with pytest.raises(ValueError, match=message):
         C.apply_overrides(C.preset("synthetic"), [item])
+
+
+def test_limits_that_are_allowed():
+    cfg = C.apply_overrides(C.preset("synthetic"), ["model.hsa_scales=1,30", f"train.seed={2**64 - 1}"])
+    assert cfg.model.hsa_scales == (1, 30) and cfg.train.seed == 2**64 - 1
+    # phrase widths matter only with HSA on; the bound follows data.max_tokens
+    assert C.apply_overrides(C.preset("synthetic"), ["model.hsa=false", "model.hsa_scales=40"]).model.hsa_scales == (40,)
+    assert C.apply_overrides(C.preset("synthetic"), ["data.max_tokens=40", "model.hsa_scales=40"]).data.max_tokens == 40
 
 
 def test_cutoff_needs_a_window():
