@@ -1,4 +1,4 @@
-"""Recall checks that hold on every machine.
+"""Evaluation test helpers: recall checks that hold on every machine, NaN embeddings on demand.
 
 A ranking computed in other blocks than a reference (other chunks, shards or encoding batches)
 may round each score differently in the last bits: a BLAS sums the same dot product in another
@@ -21,14 +21,17 @@ KEYS = (*M.RECALL_KEYS, "SumR")
 def rank_bounds(scores: torch.Tensor, targets: torch.Tensor, atol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Best and worst 1-based rank of each query's target when every score may move by up to
     ``atol / 2``: videos more than ``atol`` above the target always rank above it, those within
-    ``atol`` on either side."""
+    ``atol`` on either side. NaN scores stay NaN whatever the rounding and rank last
+    (``kdcnet.metrics``): a NaN target's rank is exact, and a NaN video never outranks a number."""
     s = scores.double()
     targets = targets.to(s.device)
     own = s.gather(1, targets[:, None])
     other = torch.arange(s.shape[1], device=s.device)[None, :] != targets[:, None]
     best = 1 + (s > own + atol).sum(dim=1)
     worst = 1 + ((s >= own - atol) & other).sum(dim=1)
-    return best, worst
+    exact = M.ranks_from_scores(scores, targets)
+    nan = torch.isnan(own[:, 0])
+    return torch.where(nan, exact, best), torch.where(nan, exact, worst)
 
 
 def assert_recalls_within(got: dict, scores: torch.Tensor, targets: torch.Tensor, atol: float, what: str = "") -> None:
@@ -66,3 +69,28 @@ def assert_evaluation_within(got: dict, branch: dict, weight: float, targets: to
             assert_recalls_within(got["branches"][name], branch[name], targets, atol, name)
     if ratios is not None:
         assert_bins_within(got["mv_bins"], fused, targets, ratios, atol)
+
+
+def poison_embeddings(model, videos=(), queries=()) -> None:
+    """Make ``model`` (in place) return NaN embeddings, in every branch, for the videos and
+    queries with these global indices (``batch.video_index`` / ``batch.query_index``), as a
+    diverged model or a NaN feature would."""
+    encode_videos, encode_queries = model.encode_videos, model.encode_queries
+    nan = float("nan")
+
+    def poisoned_videos(batch, **kw):
+        out = encode_videos(batch, **kw)
+        emb = out[0] if isinstance(out, tuple) else out
+        rows = torch.isin(batch.video_index, torch.tensor(list(videos), dtype=torch.int64))
+        for name in emb:
+            emb[name][rows.to(emb[name].device)] = nan
+        return out
+
+    def poisoned_queries(batch, **kw):
+        emb = encode_queries(batch, **kw)
+        rows = torch.isin(batch.query_index, torch.tensor(list(queries), dtype=torch.int64))
+        for name in emb:
+            emb[name][rows.to(emb[name].device)] = nan
+        return emb
+
+    model.encode_videos, model.encode_queries = poisoned_videos, poisoned_queries

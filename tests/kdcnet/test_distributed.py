@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -29,7 +30,7 @@ from kdcnet.synthetic import make_synthetic
 from kdc_kernels import max_similarity, max_similarity_topk, testing
 
 from .conftest import NAME
-from .ranking import assert_evaluation_within
+from .ranking import assert_evaluation_within, poison_embeddings
 from .ranks import run_ranks
 from .test_cli import TINY_SETS
 from .test_trainer import tiny_train_config
@@ -220,10 +221,31 @@ def _evaluate(root, batch_size: int, chunk: int, fusion: float):
     return E.evaluate(model, data, cfg, CPU, return_widths=True)
 
 
-def _full_scores(root, batch_size: int, chunk: int, fusion: float):
+# (videos, queries) given NaN embeddings: video 23 lies in rank 1's shard (batches of 5), so rank
+# 0 learns of it only through the ranks' exchange; queries 3 and 60 are encoded by different ranks.
+NAN_CASES = [((23,), ()), ((), (3, 60))]
+
+
+def _evaluate_nan(root, videos, queries):
+    """The first EVAL_CASES evaluation with NaN embeddings; also the warnings it logged."""
+    cfg, data, model = _eval_setup(root, *EVAL_CASES[0])
+    poison_embeddings(model, videos, queries)
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("kdcnet")
+    logger.addHandler(handler)
+    try:
+        return E.evaluate(model, data, cfg, CPU), messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _full_scores(root, batch_size: int, chunk: int, fusion: float, videos=(), queries=()):
     """One process's per-branch [Nq, Nv] score matrices (one max_similarity call each), targets
     and M/V ratios."""
     cfg, data, model = _eval_setup(root, batch_size, chunk, fusion)
+    poison_embeddings(model, videos, queries)
     frames, lengths, queries, _ = E.encode_collection(model, data, cfg, CPU)
     branch = {name: max_similarity(queries[name], frames[name], lengths) for name in BRANCHES}
     return branch, torch.as_tensor(data.cap_video), E.moment_ratios(data)
@@ -263,7 +285,8 @@ def _eval_worker(rank, root, out):
     with D.session("cpu"):
         results = [_evaluate(root, *case) for case in EVAL_CASES]
         ties = [_tied_topk(k) for k in (5, 23)]
-        torch.save({"results": results, "ties": ties}, out / f"eval{rank}.pt")
+        nan = [_evaluate_nan(root, *case) for case in NAN_CASES]
+        torch.save({"results": results, "ties": ties, "nan": nan}, out / f"eval{rank}.pt")
 
 
 def test_sharded_evaluation_equals_one_process(eval_root, tmp_path):
@@ -295,6 +318,19 @@ def test_sharded_evaluation_equals_one_process(eval_root, tmp_path):
     # the ties are there, and go to the lower global index
     row = want_inh[1][2].tolist()
     assert row[:4] == [3, 9, 14, 20]
+
+    # NaN embeddings: NaN ranks last on every rank; rank 0 alone warns, with the global count
+    for (videos, queries), (got0, said0), (got1, said1) in zip(NAN_CASES, ranks[0]["nan"], ranks[1]["nan"]):
+        with one_thread():
+            one, said = _evaluate_nan(eval_root, videos, queries)
+            branch, targets, ratios = _full_scores(eval_root, *EVAL_CASES[0], videos=videos, queries=queries)
+        nq = one["num_queries"]
+        affected = nq if videos else len(queries)
+        assert got0["nan_queries"] == got1["nan_queries"] == one["nan_queries"] == affected
+        assert said0 == said and len(said) == 1 and f"{affected} of {nq} queries have NaN scores" in said[0]
+        assert said1 == []
+        assert json.dumps(got0) == json.dumps(got1)
+        assert_evaluation_within(got0, branch, EVAL_CASES[0][2], targets, NEAR, ratios)
 
 
 # ------------------------------------------------------------------------------ a whole training run
