@@ -1,7 +1,7 @@
 r"""Evaluation: encode every video and query of a split once per branch, rank all videos for every
 query by the fused score, report R@1/5/10/100, SumR, the per-M/V-bin table and per-branch recalls.
 
-Exact fused top-k. The fused score ``S = w * max_i cos(q_inh, F_inh[v, i]) + (1 - w) * max_j
+Fused top-k, exact for the scores as computed. The fused score ``S = w * max_i cos(q_inh, F_inh[v, i]) + (1 - w) * max_j
 cos(q_exp, F_exp[v, j])`` is a weighted sum of two separate maxima, which one max-similarity call
 cannot express (concatenating the branch embeddings would take a single joint max over frames).
 So :func:`fused_topk` walks the corpus in chunks of ``eval.video_chunk`` videos: per chunk it calls

@@ -19,8 +19,8 @@ Run folder (``--run-dir``, default ``runs/<preset>-<YYYYmmdd-HHMMSS>``):
 Checkpoints hold the model, optimizer, scheduler, epoch, step, torch/numpy/python RNG states,
 early-stopping state and history, and are written atomically (temp file, then ``os.replace``).
 The data order of an epoch is a pure function of ``(seed, epoch)``, so ``--resume RUN_DIR`` after
-a kill at any moment continues from the last checkpoint and, on CPU with a fixed seed, ends with
-exactly the metrics and parameters of an uninterrupted run.
+a kill at any moment continues from the last checkpoint and, on CPU with a fixed seed, on the same
+machine and thread count, ends with exactly the metrics and parameters of an uninterrupted run.
 
 Several processes (``torchrun --nproc_per_node N -m kdcnet train``; see :mod:`kdcnet.distributed`):
 the encoders run under DistributedDataParallel, each process trains on its share of every step's
