@@ -223,3 +223,22 @@ def test_topk_paths_rank_nan_last_like_the_full_matrix():
     _, idx = K.max_similarity_topk(queries["inheritance"], frames["inheritance"], lengths, k=nv)
     assert idx[3].tolist() == list(range(nv))  # an all-NaN row: index order
     assert M.ranks_from_topk(idx, targets, nv)[3] == 17
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight", [0.7, 1.0])
+def test_fused_topk_on_cuda_ranks_like_the_reference(weight):
+    """On CUDA tensors evaluation ranks with the fast paths: on exact scores (every dot product
+    exact, so any kernel computes the reference's values) with NaN embeddings, the ranks equal
+    those of the reference's full matrix: ties to the lower index, non-finite scores last."""
+    _, queries, frames, lengths = _fused_corpus(exact=True)
+    queries["inheritance"][3] = NAN
+    frames["inheritance"][5, 0] = NAN
+    nq, nv = 23, 17
+    targets = torch.arange(nq) % nv
+    targets[3] = 16
+    full = {b: K.max_similarity(queries[b], frames[b], lengths) for b in queries}
+    fused = full["inheritance"] if weight == 1.0 else weight * full["inheritance"] + (1 - weight) * full["exploration"]
+    cuda = ({b: x.cuda() for b, x in queries.items()}, {b: x.cuda() for b, x in frames.items()}, lengths.cuda())
+    _, idx = fused_topk(*cuda, weight, nv, video_chunk=4)
+    assert torch.equal(M.ranks_from_topk(idx.cpu(), targets, nv), M.ranks_from_scores(fused, targets))
