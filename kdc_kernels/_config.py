@@ -12,6 +12,8 @@ with ``os.environ`` / ``monkeypatch.setenv`` and see the effect on the next call
 | ``TRITON_INTERPRET`` | 0, 1 | Triton's own flag: run Triton kernels on the CPU interpreter |
 | ``KDC_POISON_OUTPUTS`` | 0, 1 | test hook: fast paths fill the outputs they allocate with NaN (integers with -1) before their kernels run, so an unwritten element fails a comparison (also read by the compiled extension) |
 | ``KDC_TOPK_ROUND_SPLITS`` | 1..31 | test hook read by the compiled extension: video splits merged per round by the CUDA top-k (default 31) |
+| ``KDC_REF_BLOCK_ELEMS`` | int >= 1 | fp32 values in one ``[queries, videos, clips]`` similarity block of the max-similarity reference (default 16777216 = 64 MiB): its memory bound, and an unusual block shape for tests |
+| ``KDC_REF_REORDER`` | 0, 1 | test hook: the max-similarity reference sums dot products in an order that depends on the position in the block and on the block's shape, so a test that expects bit-identical scores from equal vectors at other positions or in other blocks fails on every machine, not only where a BLAS happens to round that way (exact-arithmetic data is unaffected) |
 | ``KDC_TOPK_WORKSPACE_BYTES`` | bytes | test hook read by the compiled extension: workspace bound of the CUDA top-k (default 256 MiB; smaller forces query chunks) |
 """
 
@@ -68,3 +70,23 @@ def jit_build() -> bool:
 def poison_outputs() -> bool:
     """``KDC_POISON_OUTPUTS=1``: fill freshly allocated outputs with NaN / -1 (a test hook)."""
     return _flag("KDC_POISON_OUTPUTS")
+
+
+def reference_block_elems(default: int) -> int:
+    """``KDC_REF_BLOCK_ELEMS``: fp32 values per similarity block of the max-similarity reference."""
+    raw = os.environ.get("KDC_REF_BLOCK_ELEMS", "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable KDC_REF_BLOCK_ELEMS must be an integer >= 1, got {raw!r}")
+    return value
+
+
+def reference_reorder() -> bool:
+    """``KDC_REF_REORDER=1``: position- and shape-dependent summation order in the max-similarity
+    reference (a test hook)."""
+    return _flag("KDC_REF_REORDER")

@@ -93,12 +93,51 @@ def integer_valued(x: torch.Tensor, levels: int = 3) -> torch.Tensor:
     return x.float().mul(levels / 2).round().clamp(-levels, levels).to(x.dtype)
 
 
+def sign_valued(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` replaced by the signs of its entries (+1 for 0) on its first ``m`` features and
+    0 on the rest, ``m`` the largest power of 4 <= D (all of them when D is 1, 4, 16, 64, 256, ...).
+
+    Every such vector has norm ``sqrt(m)``, a power of two, so L2 normalisation is exact, and every
+    dot product, raw or normalised, is exact in fp32 (fp16/bf16 too) whatever the summation order,
+    block shape, position in a block or thread count. Every implementation and tiling then computes
+    bit-identical scores, and equal scores are ties everywhere: the data for bitwise claims across
+    block shapes, chunks, shards and impls. Scores take few distinct values, so exact ties abound.
+    """
+    m = 1
+    while 4 * m <= x.shape[-1]:
+        m *= 4
+    signs = torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+    signs[..., m:] = 0
+    return signs
+
+
+def one_hot_valued(x: torch.Tensor) -> torch.Tensor:
+    """Each vector of ``x [..., D]`` replaced by a one-hot one: at the position of its largest
+    magnitude, with its sign, and a power of two near its norm as the magnitude (zero vectors stay
+    zero). Already one-hot vectors of that form are kept.
+
+    The dot product of such a vector with *any* vector is a single exact product plus zeros, and its
+    normalisation is exact, so identical one-hot vectors score bit-identically against random
+    queries in every implementation, summation order and position: ties that are ties on every
+    machine, without making the queries special.
+    """
+    norm = x.float().norm(dim=-1, keepdim=True)
+    scale = torch.where(norm > 0, torch.exp2(torch.round(torch.log2(norm.clamp_min(1e-30)))), torch.zeros_like(norm))
+    at = x.abs().argmax(dim=-1, keepdim=True)
+    sign = torch.where(x.gather(-1, at) < 0, -1.0, 1.0)
+    return torch.zeros_like(x).scatter_(-1, at, (sign * scale).to(x.dtype))
+
+
 def with_ties(clips: torch.Tensor, lengths: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Copy of ``clips [Nv, L, D]`` in which some videos repeat a clip (exact max ties) and some
     videos equal each other (exact top-k ties).
 
-    Identical vectors give identical dot products only if every implementation sums in the same
-    order; for order-independent ties use ``integer_valued`` inputs and ``normalize=False``.
+    In every even video one valid clip is made :func:`one_hot_valued` and copied onto a later valid
+    clip; with Nv >= 3 video 1 is made of one-hot clips and copied onto the last video (a top-k tie
+    when their lengths are equal). One-hot clips score exactly against any query, so these ties
+    are ties in every implementation and summation order (the BLAS of a CPU may round the same
+    dot product differently at another position or in another block shape, so copies of random
+    vectors are not ties there).
     """
     clips = clips.detach().clone()
     nv, L, _ = clips.shape
@@ -107,8 +146,10 @@ def with_ties(clips: torch.Tensor, lengths: torch.Tensor | None = None, seed: in
         n = L if lengths is None else int(lengths[v])
         if n >= 2:
             src, dst = sorted(torch.randperm(n, generator=g)[:2].tolist())
+            clips[v, src] = one_hot_valued(clips[v, src])
             clips[v, dst] = clips[v, src]
     if nv >= 3:
+        clips[1] = one_hot_valued(clips[1])
         clips[nv - 1] = clips[1]
     return clips
 
@@ -189,14 +230,19 @@ def with_argmax_ties(queries: torch.Tensor, clips: torch.Tensor, lengths: torch.
     (1 / 33: another lane of a 16- or 32-wide tile; 16: the same lane, a later column; 64: a later
     tile), every query points along one
     repeated clip (so the tie is its maximum), and, with Nv >= 4, the last video repeats video 1
-    with the same length (a top-k tie). The lowest index must win every tie."""
+    with the same length (a top-k tie). The lowest index must win every tie. The repeated clips and
+    video 1 are :func:`one_hot_valued`, so every one of these ties is exact in every implementation
+    and summation order, against the (random) queries too."""
     queries, clips = queries.detach().clone(), clips.detach().clone()
     nv, L, _ = clips.shape
     g = make_generator(seed)
+    if nv >= 4:
+        clips[1] = one_hot_valued(clips[1])
     sources = []
     for v in range(nv):
         n = L if lengths is None else int(lengths[v])
         src = int(torch.randint(0, n, (1,), generator=g))
+        clips[v, src] = one_hot_valued(clips[v, src])
         for s in strides:
             if src + s < n:
                 clips[v, src + s] = clips[v, src]

@@ -27,9 +27,12 @@ that loss's gradient and DistributedDataParallel's mean over ranks divides it by
 update is that of one process on the whole batch, with no extra scaling.
 
 Evaluation. Each rank encodes a contiguous run of the single process's encoding batches of videos
-and of queries (so its embeddings are those one process computes), the query embeddings are
-gathered, each rank ranks its videos for every query and the ranks merge their top-k lists
-exactly (:func:`merge_topk_across_ranks`).
+and of queries (the same batches, so the embeddings one process computes with the same thread
+count), the query embeddings are gathered, each rank ranks its videos for every query and the
+ranks merge their top-k lists without loss (:func:`merge_topk_across_ranks`). A rank scores its
+videos in other blocks than one process would, and a BLAS may round a dot product differently in
+another block shape: the result is the single-process one bit for bit when every score is exact
+in fp32, and otherwise up to the rounding of near-tied scores (see ``kdcnet.evaluate``).
 """
 
 from __future__ import annotations
@@ -305,12 +308,13 @@ def gather_batch(batch, frames: dict, queries: dict):
 
 def merge_topk_across_ranks(scores: torch.Tensor, indices: torch.Tensor, k: int,
                             counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact global top-k ``[Nq, k]`` from every rank's top-k of its shard: ``scores [Nq,
-    counts[rank]]`` (descending, ties to the lower index) with *global* video indices, rank r's
-    shard holding lower indices than rank r + 1's; ``counts`` (every rank's list length) is known
-    to all. Rank by rank, each list is broadcast and merged into a running best list with a
-    stable sort that keeps earlier (lower-index) entries first on ties, so the result is the
-    single-process top-k, ties to the lower global index. Peak memory ``O(Nq * k)`` per rank."""
+    """The global top-k ``[Nq, k]`` from every rank's top-k of its shard: ``scores [Nq,
+    counts[rank]]`` (descending, ties to the lower index, NaN last) with *global* video indices,
+    rank r's shard holding lower indices than rank r + 1's; ``counts`` (every rank's list length)
+    is known to all. Rank by rank, each list is broadcast and merged into a running best list with
+    a stable sort that keeps earlier (lower-index) entries first on ties and NaN last, so the
+    result is the top-k of all the ranks' scores as given, ties to the lower global index. Peak
+    memory ``O(Nq * k)`` per rank."""
     world = current()
     if world.size == 1:
         return scores, indices

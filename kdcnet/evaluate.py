@@ -1,23 +1,34 @@
 r"""Evaluation: encode every video and query of a split once per branch, rank all videos for every
 query by the fused score, report R@1/5/10/100, SumR, the per-M/V-bin table and per-branch recalls.
 
-Exact fused top-k. The fused score ``S = w * max_i cos(q_inh, F_inh[v, i]) + (1 - w) * max_j
+Fused top-k, exact for the scores as computed. The fused score ``S = w * max_i cos(q_inh, F_inh[v, i]) + (1 - w) * max_j
 cos(q_exp, F_exp[v, j])`` is a weighted sum of two separate maxima, which one max-similarity call
 cannot express (concatenating the branch embeddings would take a single joint max over frames).
 So :func:`fused_topk` walks the corpus in chunks of ``eval.video_chunk`` videos: per chunk it calls
 ``kdc_kernels.max_similarity`` once per branch (``[Nq, chunk]`` each, all queries at once), fuses
-them and merges them into a running ``[Nq, k]`` best list with a stable descending sort of
-``[kept, new]`` (kept entries have lower video indices, so ties go to the lower index, exactly
-like ``max_similarity_topk`` and :func:`kdcnet.metrics.retrieval_metrics`). Memory is
-``O(Nq * (k + chunk))``, there is no loop over queries, and the result is exact for the fused
-scores as computed. With ``fusion_weight`` 0 or 1 the fused score is one branch's score and
+them and merges them into a running ``[Nq, k]`` best list with a stable sort of ``[kept, new]``
+(``kdc_kernels``' ``merge_topk``: kept entries have lower video indices, so ties go to the lower
+index, and NaN scores go last, the order of ``max_similarity_topk`` and
+:func:`kdcnet.metrics.retrieval_metrics`). Memory is ``O(Nq * (k + chunk))`` and there is no loop
+over queries. The merge is exact for the fused scores as computed; each chunk's scores come from
+their own ``max_similarity`` calls, and a BLAS (or kernel) may round a dot product differently in
+another block shape, so the ranking equals a sort of one full score matrix bit for bit when the
+scores are exact in fp32, and otherwise up to that rounding (videos whose scores differ by ~1e-7
+may swap). With ``fusion_weight`` 0 or 1 the fused score is one branch's score and
 ``kdc_kernels.max_similarity_topk`` ranks it directly; it also gives the per-branch recalls
 reported beside the fused ones.
 
 Several processes (torchrun): :func:`evaluate` gives each rank a contiguous run of the batches one
-process would encode (the same embeddings), gathers the query embeddings, ranks each rank's
-videos with the methods above and merges the per-rank top-k lists exactly (:func:`sharded_topk`):
-the result is the single-process one, ties to the lower global video index.
+process would encode (the same batches, so the embeddings one process computes with the same
+thread count), gathers the query embeddings, ranks each rank's videos with the methods above and
+merges the per-rank top-k lists (:func:`sharded_topk`), ties to the lower global video index. The
+merge loses nothing; the per-rank scoring runs in other blocks than one process's, so the result
+equals the single-process one under the condition above (exact scores), and otherwise up to the
+rounding of near-tied scores.
+
+Non-finite embeddings (a diverged model, NaN/inf features) give NaN scores. NaN ranks last in
+every path, and :func:`evaluate` logs one warning per call naming the split and the number of
+queries with a NaN score (also stored as ``nan_queries`` in the result).
 """
 
 from __future__ import annotations
@@ -141,10 +152,11 @@ def encode_collection(model: KDCNet, collection, cfg: Config, device: torch.devi
 @torch.no_grad()
 def fused_topk(queries: dict, frames: dict, lengths: torch.Tensor, weight: float, k: int, *,
                video_chunk: int = 1024, impl=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of ``S = w * s_inh + (1 - w) * s_exp`` over all videos (see the module doc).
+    """Top-k of ``S = w * s_inh + (1 - w) * s_exp`` over all videos, exact for the scores as
+    computed chunk by chunk (see the module doc).
 
     Returns ``(scores float32 [Nq, k], video indices int64 [Nq, k])``, descending, ties to the
-    lower video index.
+    lower video index, NaN scores last.
     """
     inh, exp = queries["inheritance"], queries["exploration"]
     nv = frames["inheritance"].shape[0]
@@ -162,6 +174,26 @@ def fused_topk(queries: dict, frames: dict, lengths: torch.Tensor, weight: float
     return best_s, best_i
 
 
+def nonfinite_queries(queries: dict, frames: dict, lengths: torch.Tensor, branches) -> int:
+    """How many queries get a NaN score in the ``branches`` ranked: those whose embedding is not
+    finite, or all of them when some video has a non-finite valid frame embedding (normalising
+    a vector that holds NaN or inf gives NaN, and the max over frames keeps it). ``frames`` holds
+    this rank's videos and ``queries`` every query; under torch.distributed every rank must call
+    it (one small all-gather) and gets the same count."""
+    nq = next(iter(queries.values())).shape[0]
+    bad = torch.zeros(nq, dtype=torch.bool, device=lengths.device)
+    bad_videos = 0
+    for name in branches:
+        bad |= ~torch.isfinite(queries[name]).all(dim=1)
+        f = frames.get(name)
+        if f is not None and f.numel():
+            valid = torch.arange(f.shape[1], device=f.device)[None, :] < lengths[:, None]
+            bad_videos += int((~torch.isfinite(f).all(dim=2) & valid).any())
+    if D.current().size > 1:
+        bad_videos = sum(n for (n,) in D.all_gather_sizes(bad_videos))
+    return nq if bad_videos else int(bad.sum())
+
+
 def moment_ratios(collection) -> list[float] | None:
     """M/V ratio of every caption (NaN when it has no moment), or None without a moments file."""
     if not collection.moments:
@@ -170,8 +202,9 @@ def moment_ratios(collection) -> list[float] | None:
 
 
 def sharded_topk(topk, num_queries: int, num_videos: int, k: int, batch_size: int, device: torch.device):
-    """The exact top-k ``(scores, video indices) [Nq, k]`` over all ``num_videos`` videos, ties to
-    the lower index, from ``topk(k') -> (scores, indices)`` that ranks this rank's videos, the
+    """The top-k ``(scores, video indices) [Nq, k]`` over all ``num_videos`` videos, ties to the
+    lower index, NaN last, exact for the per-rank scores, from ``topk(k') -> (scores, indices)``
+    that ranks this rank's videos, the
     :func:`kdcnet.distributed.batch_shard` of ``batch_size`` (indices within the shard). On one
     process that shard is every video and this is ``topk(k)``."""
     world = D.current()
@@ -189,16 +222,18 @@ def sharded_topk(topk, num_queries: int, num_videos: int, k: int, batch_size: in
 def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, branches: bool = True,
              return_widths: bool = False):
     """Rank every video of ``collection`` for every query; return the metrics dict:
-    ``R@1, R@5, R@10, R@100, SumR, num_queries, num_videos, chance_SumR, mv_bins`` (None without a
-    moments file) and, with ``branches``, ``branches`` (each branch's recalls on its own).
-    With ``return_widths`` also the DTA window widths: ``(metrics, widths)``.
+    ``R@1, R@5, R@10, R@100, SumR, num_queries, num_videos, chance_SumR, nan_queries`` (queries
+    with a NaN score: they rank those videos last, and a warning names the split), ``mv_bins``
+    (None without a moments file) and, with ``branches``, ``branches`` (each branch's recalls on
+    its own). With ``return_widths`` also the DTA window widths: ``(metrics, widths)``.
 
     Under ``torch.distributed`` (a process group exists, e.g. under torchrun) every rank must call
     it: each encodes its share of the videos and queries (:func:`kdcnet.distributed.batch_shard`:
     runs of the batches one process would encode, so the same embeddings), the queries are
-    gathered, each rank ranks its videos, and the top-k lists are merged exactly
-    (:func:`kdcnet.distributed.merge_topk_across_ranks`); every rank returns the single-process
-    result. Memory per rank: its videos' frames, all query embeddings and ``O(Nq * k)``."""
+    gathered, each rank ranks its videos, and the top-k lists are merged
+    (:func:`kdcnet.distributed.merge_topk_across_ranks`); every rank returns the same result: the
+    single-process one when the scores are exact, else up to the rounding of near-tied scores
+    (module doc). Memory per rank: its videos' frames, all query embeddings and ``O(Nq * k)``."""
     nv, nq = len(collection.video_ids), len(collection.cap_ids)
     if nv == 0 or nq == 0:
         raise ValueError(f"split {collection.split!r} of {collection.collection!r} has {nv} videos and {nq} "
@@ -215,6 +250,12 @@ def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, br
     k = min(cfg.eval.k, nv)  # eval.k >= 100, so every recall below is exact
     targets = torch.as_tensor(collection.cap_video, dtype=torch.int64, device=device)
     impl = cfg.model.impl
+    used = {name for name, w in (("inheritance", cfg.model.fusion_weight), ("exploration", 1 - cfg.model.fusion_weight))
+            if w != 0} | (set(BRANCHES) if branches else set())
+    nan_queries = nonfinite_queries(queries, frames, lengths, used)
+    if nan_queries and world.is_main:
+        log.warning(f"split {collection.split!r}: {nan_queries} of {nq} queries have NaN scores (non-finite query "
+                    f"or video embeddings, e.g. a diverged model or NaN/inf features); NaN scores rank last")
 
     def ranks(topk):
         top = sharded_topk(topk, nq, nv, k, cfg.eval.batch_size, device)[1]
@@ -223,7 +264,7 @@ def evaluate(model: KDCNet, collection, cfg: Config, device: torch.device, *, br
     fused = ranks(lambda kk: fused_topk(queries, frames, lengths, cfg.model.fusion_weight, kk,
                                         video_chunk=cfg.eval.video_chunk, impl=impl))
     result = {**M.recalls_from_ranks(fused), "num_queries": nq, "num_videos": nv,
-              "chance_SumR": M.chance_metrics(nv)["SumR"]}
+              "chance_SumR": M.chance_metrics(nv)["SumR"], "nan_queries": nan_queries}
     ratios = moment_ratios(collection)
     result["mv_bins"] = M.mv_bin_table(fused.cpu(), ratios) if ratios is not None else None
     if branches:

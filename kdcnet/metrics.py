@@ -5,7 +5,12 @@ Rank of the relevant video g of a query (1 = best)::
 
     rank = 1 + #{v : s_v > s_g  or  (s_v == s_g and v < g)}
 
-so ties go to the lower video index, exactly as in ``kdc_kernels.max_similarity_topk``.
+so ties (equal scores as computed) go to the lower video index, the rule of
+``kdc_kernels.max_similarity_topk``. A NaN score (a diverged model, non-finite features) ranks
+last, below every number and ``-inf``; NaN scores rank among themselves by video index. So a NaN
+score never counts as a hit ahead of a real one: when ``s_g`` is NaN, every video with a number
+ranks above g, and ``rank = 1 + #{v : s_v is not NaN} + #{v < g : s_v is NaN}``. The top-k path
+(:func:`ranks_from_topk` of ``kdc_kernels`` top-k lists and ``kdcnet.evaluate``) uses the same order.
 ``R@K`` is the percentage of queries with ``rank <= K`` and ``SumR = R@1 + R@5 + R@10 + R@100``,
 summed from unrounded recalls.
 """
@@ -29,7 +34,8 @@ def _as_tensor(x, dtype=None) -> torch.Tensor:
 
 
 def ranks_from_scores(scores, targets) -> torch.Tensor:
-    """Rank (1-based, ties to the lower index) of ``targets[n]`` in ``scores[n]``: ``[Nq]`` int64.
+    """Rank (1-based, ties to the lower index, NaN last) of ``targets[n]`` in ``scores[n]``:
+    ``[Nq]`` int64 (see the module doc).
 
     ``scores [Nq, Nv]``, ``targets [Nq]`` (tensors or arrays).
     """
@@ -43,7 +49,10 @@ def ranks_from_scores(scores, targets) -> torch.Tensor:
                          f"{int(targets.min())}..{int(targets.max())}")
     own = scores.gather(1, targets[:, None])
     lower = torch.arange(scores.shape[1], device=scores.device)[None, :] < targets[:, None]
-    better = (scores > own) | ((scores == own) & lower)
+    # Comparisons with NaN are false: a NaN s_v never ranks above a number; a NaN s_g ranks below
+    # every number and, among NaN scores, by index.
+    nan, own_nan = torch.isnan(scores), torch.isnan(own)
+    better = (scores > own) | ((scores == own) & lower) | (own_nan & (~nan | lower))
     return 1 + better.sum(dim=1)
 
 
@@ -70,7 +79,7 @@ def recalls_from_ranks(ranks) -> dict[str, float]:
 
 def retrieval_metrics(scores, targets) -> dict[str, float]:
     """R@1, R@5, R@10, R@100 and SumR (percent) of ``scores [Nq, Nv]`` with relevant video
-    ``targets [Nq]`` (ties to the lower video index).
+    ``targets [Nq]`` (ties to the lower video index, NaN scores last: see the module doc).
 
     Example:
         >>> retrieval_metrics(torch.tensor([[0.9, 0.1], [0.5, 0.5]]), torch.tensor([0, 1]))["R@1"]

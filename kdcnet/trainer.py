@@ -28,8 +28,8 @@ whose one-line message names it.
 Checkpoints hold the model, optimizer, scheduler, the :class:`TrainState` (epoch, step,
 early-stopping state, history), the torch/numpy/python RNG states and the config. The data order
 of an epoch is a pure function of ``(seed, epoch)``, so ``--resume RUN_DIR`` after a kill at any
-moment continues from the last checkpoint and, on CPU with a fixed seed, ends with exactly the
-metrics and parameters of an uninterrupted run. A run killed before its first checkpoint starts
+moment continues from the last checkpoint and, on CPU with a fixed seed, on the same machine and
+thread count, ends with exactly the metrics and parameters of an uninterrupted run. A run killed before its first checkpoint starts
 from scratch, with its saved config on ``--resume`` (the same run again) or with the given one on a
 new ``kdcnet train --run-dir`` of the same folder; the abandoned attempt's metrics and ``best.pt``
 are dropped.

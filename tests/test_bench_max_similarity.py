@@ -37,6 +37,7 @@ def test_competitors_compute_the_same_maths(monkeypatch):
     top_s, top_v = bench._prvr_chunked_topk(q, c, x["valid"], s.k)
     ref_s, ref_v = max_similarity_topk_ref(q, c, x["lengths"], s.k)
     testing.assert_close(top_s, ref_s, 1e-5, "chunked prvr top-k scores")
-    assert torch.equal(top_v, ref_v)
+    # another summation order than the reference: videos within rounding of each other may swap
+    testing.assert_topk_equivalent(top_s, top_v, want, 1e-5, "chunked prvr top-k")
     # chunks of 200 // (Nq * L) = 10 videos share one output buffer: it ends holding videos 20..22
     testing.assert_close(bench._gemm(q, c)[:, : 3 * 4], q @ c[20:].reshape(12, 8).t(), 1e-5, "chunked GEMM")

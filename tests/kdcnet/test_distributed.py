@@ -1,10 +1,14 @@
 """Several processes on the CPU (gloo, 2 ranks, spawned like torchrun): a training step with
 gathered embeddings equals one process on the global batch, sharded evaluation equals one process
-exactly, a 2-rank run resumes on 1 rank, and ``torchrun -m kdcnet train`` works end to end."""
+(bit for bit on exact-arithmetic scores; on a model's scores up to the rounding of near-tied
+scores, since each rank scores its videos in other blocks), a 2-rank run resumes on 1 rank, and
+``torchrun -m kdcnet train`` works end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -21,11 +25,13 @@ from kdcnet import trainer
 from kdcnet.data import PRVRCollection, train_batches
 from kdcnet.evaluate import fused_topk, sharded_topk
 from kdcnet.model import BRANCHES, KDCNet
+from kdcnet.rundir import RunDir
 from kdcnet.synthetic import make_synthetic
 
-from kdc_kernels import max_similarity_topk
+from kdc_kernels import max_similarity, max_similarity_topk, testing
 
 from .conftest import NAME
+from .ranking import assert_evaluation_within, poison_embeddings
 from .ranks import run_ranks
 from .test_cli import TINY_SETS
 from .test_trainer import tiny_train_config
@@ -184,28 +190,81 @@ def eval_root(tmp_path_factory):
                           min_frames=6, max_frames=20, visual_dim=20, text_dim=12, teacher_dim=8)
 
 
-def _evaluate(root, batch_size: int, chunk: int, fusion: float):
+# Scores of the same embeddings computed in other blocks differ by fp32 rounding (~1e-7 for these
+# unit-norm dots); videos closer than this may rank either way (tests/kdcnet/ranking.py).
+NEAR = 1e-5
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The thread count of the ranks (run_ranks, torchrun): the same batches then give the same
+    embeddings by construction, whatever the machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _eval_setup(root, batch_size: int, chunk: int, fusion: float):
     cfg = tiny_train_config(root)
     cfg.data.collection, cfg.data.max_frames, cfg.data.max_tokens = "ev", 16, 12
     cfg.eval.batch_size, cfg.eval.video_chunk, cfg.model.fusion_weight = batch_size, chunk, fusion
     data = E.open_split(cfg, "test")
     cfg.model.visual_dim, cfg.model.text_dim = data.visual_dim, data.text_dim
     torch.manual_seed(0)
-    return E.evaluate(KDCNet(cfg).eval(), data, cfg, CPU, return_widths=True)
+    return cfg, data, KDCNet(cfg).eval()
+
+
+def _evaluate(root, batch_size: int, chunk: int, fusion: float):
+    cfg, data, model = _eval_setup(root, batch_size, chunk, fusion)
+    return E.evaluate(model, data, cfg, CPU, return_widths=True)
+
+
+# (videos, queries) given NaN embeddings: video 23 lies in rank 1's shard (batches of 5), so rank
+# 0 learns of it only through the ranks' exchange; queries 3 and 60 are encoded by different ranks.
+NAN_CASES = [((23,), ()), ((), (3, 60))]
+
+
+def _evaluate_nan(root, videos, queries):
+    """The first EVAL_CASES evaluation with NaN embeddings; also the warnings it logged."""
+    cfg, data, model = _eval_setup(root, *EVAL_CASES[0])
+    poison_embeddings(model, videos, queries)
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("kdcnet")
+    logger.addHandler(handler)
+    try:
+        return E.evaluate(model, data, cfg, CPU), messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def _full_scores(root, batch_size: int, chunk: int, fusion: float, videos=(), queries=()):
+    """One process's per-branch [Nq, Nv] score matrices (one max_similarity call each), targets
+    and M/V ratios."""
+    cfg, data, model = _eval_setup(root, batch_size, chunk, fusion)
+    poison_embeddings(model, videos, queries)
+    frames, lengths, queries, _ = E.encode_collection(model, data, cfg, CPU)
+    branch = {name: max_similarity(queries[name], frames[name], lengths) for name in BRANCHES}
+    return branch, torch.as_tensor(data.cap_video), E.moment_ratios(data)
 
 
 def _tied_corpus():
-    """Random frames and queries with exact score ties: videos 3, 9 (same shard as 3), 14 and 20
-    (the other shard) are copies, and so are videos 0 and 22."""
+    """Sign-valued frames and queries (every score exact in fp32, so the same in any block or
+    shard) with score ties: videos 3, 9 (same shard as 3), 14 and 20 (the other shard) are
+    copies, and so are videos 0 and 22."""
     g = torch.Generator().manual_seed(5)
-    nq, nv, L, d = 7, 23, 4, 8
+    nq, nv, L, d = 7, 23, 4, 16
     lengths = torch.randint(1, L + 1, (nv,), generator=g)
-    frames = {name: torch.randn(nv, L, d, generator=g) for name in BRANCHES}
+    frames = {name: testing.sign_valued(torch.randn(nv, L, d, generator=g)) for name in BRANCHES}
     for name in BRANCHES:
         for src, dst in ((3, 9), (3, 14), (3, 20), (0, 22)):
             frames[name][dst] = frames[name][src]
     lengths[[9, 14, 20]], lengths[22] = int(lengths[3]), int(lengths[0])
-    queries = {name: torch.randn(nq, d, generator=g) for name in BRANCHES}
+    queries = {name: testing.sign_valued(torch.randn(nq, d, generator=g)) for name in BRANCHES}
     queries["inheritance"][2] = frames["inheritance"][3, 0]  # a query whose best videos tie
     return queries, frames, lengths
 
@@ -227,21 +286,30 @@ def _eval_worker(rank, root, out):
     with D.session("cpu"):
         results = [_evaluate(root, *case) for case in EVAL_CASES]
         ties = [_tied_topk(k) for k in (5, 23)]
-        torch.save({"results": results, "ties": ties}, out / f"eval{rank}.pt")
+        nan = [_evaluate_nan(root, *case) for case in NAN_CASES]
+        torch.save({"results": results, "ties": ties, "nan": nan}, out / f"eval{rank}.pt")
 
 
-def test_sharded_evaluation_equals_one_process_exactly(eval_root, tmp_path):
+def test_sharded_evaluation_equals_one_process(eval_root, tmp_path):
     run_ranks(_eval_worker, eval_root, tmp_path)
     ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in range(2)]
     for case, *got in zip(EVAL_CASES, ranks[0]["results"], ranks[1]["results"]):
-        want_metrics, want_widths = _evaluate(eval_root, *case)
+        with one_thread():
+            want_metrics, want_widths = _evaluate(eval_root, *case)
+            branch, targets, ratios = _full_scores(eval_root, *case)
         assert want_metrics["num_videos"] == 30
+        assert_evaluation_within(want_metrics, branch, case[2], targets, NEAR, ratios)
         for metrics, widths in got:
-            assert json.dumps(metrics) == json.dumps(want_metrics), case  # every number, exactly
+            assert json.dumps(metrics) == json.dumps(got[0][0]), case  # every rank: the same result
+            for key in ("num_queries", "num_videos", "chance_SumR", "nan_queries"):
+                assert metrics[key] == want_metrics[key], (case, key)
+            # equal to one process's recalls unless a score lies within rounding of the target's
+            assert_evaluation_within(metrics, branch, case[2], targets, NEAR, ratios)
+            # the same encoding batches on the same thread count: the same embeddings, bit for bit
             assert widths.keys() == want_widths.keys()
             assert all(torch.equal(widths[n], want_widths[n]) for n in want_widths), case
 
-    queries, frames, lengths = _tied_corpus()
+    queries, frames, lengths = _tied_corpus()  # exact scores: bit for bit
     for k, *got in zip((5, 23), ranks[0]["ties"], ranks[1]["ties"]):
         want_fused = fused_topk(queries, frames, lengths, 0.7, k, video_chunk=3)
         want_inh = max_similarity_topk(queries["inheritance"], frames["inheritance"], lengths, k)
@@ -251,6 +319,19 @@ def test_sharded_evaluation_equals_one_process_exactly(eval_root, tmp_path):
     # the ties are there, and go to the lower global index
     row = want_inh[1][2].tolist()
     assert row[:4] == [3, 9, 14, 20]
+
+    # NaN embeddings: NaN ranks last on every rank; rank 0 alone warns, with the global count
+    for (videos, queries), (got0, said0), (got1, said1) in zip(NAN_CASES, ranks[0]["nan"], ranks[1]["nan"]):
+        with one_thread():
+            one, said = _evaluate_nan(eval_root, videos, queries)
+            branch, targets, ratios = _full_scores(eval_root, *EVAL_CASES[0], videos=videos, queries=queries)
+        nq = one["num_queries"]
+        affected = nq if videos else len(queries)
+        assert got0["nan_queries"] == got1["nan_queries"] == one["nan_queries"] == affected
+        assert said0 == said and len(said) == 1 and f"{affected} of {nq} queries have NaN scores" in said[0]
+        assert said1 == []
+        assert json.dumps(got0) == json.dumps(got1)
+        assert_evaluation_within(got0, branch, EVAL_CASES[0][2], targets, NEAR, ratios)
 
 
 # ------------------------------------------------------------------------------ a whole training run
@@ -333,6 +414,30 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
+def _checkpoint_scores(run, split: str, checkpoint: str):
+    """Per-branch [Nq, Nv] scores of a run's checkpoint on a split (one process), the fusion
+    weight, targets and M/V ratios."""
+    cfg = trainer.resume_config(run)
+    ckpt = RunDir(run).load_checkpoint(f"{checkpoint}.pt", need=("model",))
+    model = KDCNet(cfg)
+    trainer.load_weights(model, ckpt["model"], RunDir(run) / f"{checkpoint}.pt")
+    data = E.open_split(cfg, split)
+    frames, lengths, queries, _ = E.encode_collection(model, data, cfg, CPU)
+    branch = {name: max_similarity(queries[name], frames[name], lengths) for name in BRANCHES}
+    return branch, cfg.model.fusion_weight, torch.as_tensor(data.cap_video), E.moment_ratios(data)
+
+
+def _assert_same_evaluation(run, split: str, checkpoint: str, sharded: dict, one: dict):
+    """torchrun's sharded metrics against one process's: the same counts and window widths (the
+    same batches, and this process ran on one thread like the ranks), recalls equal up to the
+    rounding of near-tied scores."""
+    for key in ("num_queries", "num_videos", "chance_SumR", "nan_queries", "window_widths"):
+        assert sharded[key] == one[key], key
+    branch, weight, targets, ratios = _checkpoint_scores(run, split, checkpoint)
+    for result in (sharded, one):
+        assert_evaluation_within(result, branch, weight, targets, NEAR, ratios)
+
+
 def test_torchrun_train_and_eval_match_one_process(tiny_root, tmp_path):
     run = tmp_path / "run"
     done = _torchrun("train", "--data-root", str(tiny_root), "--collection", NAME, "--epochs", "1", "--batch-size", "2",
@@ -340,11 +445,13 @@ def test_torchrun_train_and_eval_match_one_process(tiny_root, tmp_path):
     assert done.stdout.count("chance (random ranking)") == 1 and done.stdout.count("run folder:") == 1  # rank 0 only
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((run / "config.json").read_text())["train"]["gather"] is True
-    sharded = (run / "test_metrics.json").read_text()
-    assert cli.main(["eval", "--run", str(run)]) == 0  # one process evaluates the same checkpoint
-    assert (run / "test_metrics.json").read_text() == sharded
+    sharded = json.loads((run / "test_metrics.json").read_text())
+    with one_thread():
+        assert cli.main(["eval", "--run", str(run)]) == 0  # one process evaluates the same checkpoint
+    _assert_same_evaluation(run, "test", "best", sharded, json.loads((run / "test_metrics.json").read_text()))
 
     _torchrun("eval", "--run-dir", str(run), "--split", "val", "--checkpoint", "last")  # torchrun takes --run itself
-    sharded = (run / "val_metrics.json").read_text()
-    assert cli.main(["eval", "--run", str(run), "--split", "val", "--checkpoint", "last"]) == 0
-    assert (run / "val_metrics.json").read_text() == sharded
+    sharded = json.loads((run / "val_metrics.json").read_text())
+    with one_thread():
+        assert cli.main(["eval", "--run", str(run), "--split", "val", "--checkpoint", "last"]) == 0
+    _assert_same_evaluation(run, "val", "last", sharded, json.loads((run / "val_metrics.json").read_text()))

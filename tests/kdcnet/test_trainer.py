@@ -150,7 +150,10 @@ def test_killed_process_resumes_to_the_same_result(tiny_root, tmp_path):
             "--set", f"data.max_frames={TINY_READ['max_frames']}", "--set", f"data.max_tokens={TINY_READ['max_tokens']}",
             "--set", "model.d=16", "--set", "model.heads=2", "--set", "model.dropout=0.1", "--set", "train.warmup=0.3",
             "--set", "eval.video_chunk=2", "--set", "train.plots=false"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the children run on this process's thread count: bit-identical results are promised for the
+    # same machine and thread count (a BLAS may split and round work differently on other counts)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.time() + 120
         while not (cut / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -160,7 +163,7 @@ def test_killed_process_resumes_to_the_same_result(tiny_root, tmp_path):
         proc.wait()
     assert C.load(cut / "config.json") == C.load(straight / "config.json")
     resumed = subprocess.run([sys.executable, "-m", "kdcnet", "train", "--resume", str(cut)], capture_output=True,
-                             text=True, timeout=120)
+                             text=True, timeout=120, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert _history(cut) == _history(straight)
     assert (cut / "test_metrics.json").read_text() == (straight / "test_metrics.json").read_text()

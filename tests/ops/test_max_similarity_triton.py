@@ -258,8 +258,8 @@ def test_exact_ties_go_to_the_lowest_clip(target):
         same = [(a, b) for a in range(n) for b in range(a + 1, n) if torch.equal(c[v, a], c[v, b])]
         for src, dst in same:
             assert not (index[:, v] == dst).any(), f"video {v}: tie between clips {src} and {dst} went to {dst}"
-    if dtype == torch.float32:
-        assert torch.equal(index, ref_index)
+    # the copies are one-hot (exact in any order); other clips may differ only at near-ties
+    _check_index(index, ref_index, args, True, dtype)
     grad = torch.randn(11, 8, generator=testing.make_generator(10)).to(device)
     (dc,) = torch.autograd.grad(K.max_similarity(**args, impl="triton"), [clips], grad)
     (ref_dc,) = torch.autograd.grad(max_similarity_ref(**args), [clips], grad)
@@ -324,8 +324,14 @@ def _check_topk(scores, videos, args, k, normalize, dtype):
     tol = (FP32_TOL if dtype == torch.float32 else 1e-3) * _scale(ref_s)
     testing.assert_topk_equivalent(scores, videos, full, tol)
     if dtype == torch.float32 and scores.device.type == "cpu":
-        testing.assert_close(scores, ref_s, tol, "top-k scores")
-        assert torch.equal(videos, ref_v), f"{int((videos != ref_v).sum())} top-k videos differ"
+        # equal to the reference's list except where two videos' scores are within rounding (the
+        # interpreter's and torch's GEMMs sum in other orders); identical videos in lower-first order
+        lengths, clips = args["lengths"], args["clips"].detach()
+
+        def same_video(a, b):
+            return (lengths is None or int(lengths[a]) == int(lengths[b])) and torch.equal(clips[a], clips[b])
+
+        testing.assert_topk_valid(scores, videos, ref_s, ref_v, full, same_video, tol)
 
 
 @pytest.mark.parametrize("splits", [None, 3], ids=["default-splits", "3-splits"])

@@ -5,19 +5,32 @@ r"""Plain PyTorch oracle for ``max_similarity`` and ``max_similarity_topk``.
     q^ = q / max(|q|, 1e-12),  c^ = c / max(|c|, 1e-12)          (if normalize)
     score[n, v] = max over l < lengths[v] of <q^_n, c^_{v,l}>     float32 [Nq, Nv]
     index[n, v] = the lowest l attaining it                       int64   [Nq, Nv]
-    topk:  per query, the k best videos by score, descending, ties -> lower video index
+    topk:  per query, the k best videos by score, descending, ties -> lower video index,
+           NaN scores last (below -inf), in video order among themselves
+
+Ties are equal *computed* scores. Equal vectors at different positions need not compute equal
+scores: a BLAS may sum the same dot product in another order at another position of a block, in
+another block shape or with another thread count (x86 CPUs do, by the last bits), and every fast
+path has its own order. So two copies of a random clip are not a tie in general, and a result
+depends on the rounding of the implementation that computed it. Ties are ties in every
+implementation when every dot product is exact in fp32, e.g. small-integer vectors (norms a power
+of two for ``normalize=True``; ``kdc_kernels.testing.sign_valued``) or one-hot clips
+(``testing.one_hot_valued``); that is how the tests check the tie rules.
 
 Memory stays bounded: the ``[Nq, Nv, L]`` similarity tensor is only ever built in blocks of about
-``_CHUNK_ELEMS`` fp32 values (queries x videos x clips), so a 20k x 5k x 128 x 384 problem fits a
-24 GB CPU machine. The gradient of ``score[n, v]`` flows only to ``q_n`` and ``c_{v, index[n, v]}``
-(through the normalisation when it is on): autograd runs through a gather of the argmax clip, so
-ties send the gradient to the lowest index, exactly like the fast paths.
+``KDC_REF_BLOCK_ELEMS`` (default ``_CHUNK_ELEMS``) fp32 values (queries x videos x clips), so a
+20k x 5k x 128 x 384 problem fits a 24 GB CPU machine. The gradient of ``score[n, v]`` flows only
+to ``q_n`` and ``c_{v, index[n, v]}`` (through the normalisation when it is on): autograd runs
+through a gather of the argmax clip, so ties send the gradient to the lowest index, by the same
+rule as the fast paths.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ... import _config
 
 # fp32 elements of one [queries, videos, L] similarity block.
 _CHUNK_ELEMS = 1 << 24
@@ -30,17 +43,40 @@ def _prepare(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=_NORM_EPS) if normalize else x
 
 
+def _block_elems() -> int:
+    """fp32 values per similarity block: ``KDC_REF_BLOCK_ELEMS``, else ``_CHUNK_ELEMS``."""
+    return _config.reference_block_elems(_CHUNK_ELEMS)
+
+
 def _chunk_sizes(nq: int, nv: int, L: int) -> tuple[int, int]:
-    """Query and video chunk sizes whose [cq, cv, L] block holds about _CHUNK_ELEMS values."""
-    cv = max(1, min(nv, _CHUNK_ELEMS // (L * min(nq, 256))))
-    cq = max(1, min(nq, _CHUNK_ELEMS // (L * cv)))
+    """Query and video chunk sizes whose [cq, cv, L] block holds about _block_elems() values."""
+    elems = _block_elems()
+    cv = max(1, min(nv, elems // (L * min(nq, 256))))
+    cq = max(1, min(nq, elems // (L * cv)))
     return cq, cv
+
+
+def _dots(qn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``qn [cq, D] @ rows [n, D].T``. With ``KDC_REF_REORDER=1`` (a test hook) every other element
+    (by row + column parity) is summed as two partial sums split at a feature that depends on the
+    block's shape: equal vectors at neighbouring positions or in differently shaped blocks then
+    round differently on every machine, as some BLAS builds do on their own. Exact-arithmetic
+    data gives the same values either way."""
+    sim = qn @ rows.T
+    d = qn.shape[1]
+    if d < 2 or not _config.reference_reorder():
+        return sim
+    split = 1 + (3 * qn.shape[0] + 5 * rows.shape[0]) % (d - 1)
+    other = qn[:, split:] @ rows[:, split:].T + qn[:, :split] @ rows[:, :split].T
+    parity = (torch.arange(qn.shape[0], device=qn.device)[:, None]
+              + torch.arange(rows.shape[0], device=qn.device)[None, :]) % 2 == 1
+    return torch.where(parity, other, sim)
 
 
 def _block_max(qn: torch.Tensor, cn: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and lowest argmax over clips for one block: qn [cq, D], cn [cv, L, D], valid [cv, L]."""
     cv, L, D = cn.shape
-    sim = (qn @ cn.reshape(cv * L, D).T).view(qn.shape[0], cv, L)
+    sim = _dots(qn, cn.reshape(cv * L, D)).view(qn.shape[0], cv, L)
     if valid is not None:
         sim.masked_fill_(~valid[None], float("-inf"))
     # torch.max returns the first maximal index on ties (documented); the tests check it.
@@ -96,7 +132,7 @@ def max_similarity_ref(
         nv = cn.shape[0]
         video = torch.arange(nv, device=cn.device)
         rows = []
-        cq = max(1, _CHUNK_ELEMS // max(1, nv * cn.shape[-1]))
+        cq = max(1, _block_elems() // max(1, nv * cn.shape[-1]))
         for q0 in range(0, qn.shape[0], cq):
             q1 = min(qn.shape[0], q0 + cq)
             chosen = cn[video[None, :], index[q0:q1]]  # [cq, Nv, D]
@@ -119,8 +155,8 @@ def max_similarity_topk_ref(
     memory is ``O(Nq * k)`` plus one block.
 
     Returns:
-        ``(scores float32 [Nq, k], video indices int64 [Nq, k])``, descending score, ties to the
-        lower video index.
+        ``(scores float32 [Nq, k], video indices int64 [Nq, k])``, descending score, ties (equal
+        computed scores) to the lower video index, NaN scores last (below ``-inf``), in video order.
 
     Example:
         >>> s, i = max_similarity_topk_ref(torch.randn(5, 8), torch.randn(30, 4, 8), k=3)
@@ -145,12 +181,15 @@ def max_similarity_topk_ref(
 
 def merge_topk(best_s: torch.Tensor, best_i: torch.Tensor, new_s: torch.Tensor, new_i: torch.Tensor, k: int):
     """Merge a running top-k ``(best_s, best_i) [Nq, <=k]`` with candidates ``(new_s, new_i) [Nq, n]``
-    whose video indices all exceed the kept ones: the k best, descending, ties to the lower index.
+    whose video indices all exceed the kept ones: the k best, descending, ties (equal scores) to
+    the lower index, NaN scores last (below ``-inf``), in index order among themselves.
 
-    Kept entries come first and hold the lower indices, so a stable descending sort of
-    ``[kept, new]`` breaks every tie towards the lower video index. Used to stream a corpus in
-    blocks (and by ``kdcnet`` for fused scores and for merging per-rank lists in order).
+    Kept entries come first and hold the lower indices, so a stable ascending sort of
+    ``-[kept, new]`` breaks every tie towards the lower video index; torch sorts NaN after every
+    number in ascending order (a descending sort would put NaN first). Exact for the scores as
+    given. Used to stream a corpus in blocks (and by ``kdcnet`` for fused scores and for merging
+    per-rank lists in order).
     """
     cand_s, cand_i = torch.cat([best_s, new_s], dim=1), torch.cat([best_i, new_i], dim=1)
-    order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(cand_s.neg(), dim=1, stable=True).indices[:, :k]
     return cand_s.gather(1, order), cand_i.gather(1, order)
