@@ -12,35 +12,30 @@ from .reference import windowed_attention_ref
 OP_NAME = "windowed_attention"
 
 
-def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff) -> dict:
+def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask=None) -> dict:
     layout = "[B, H, L, D]"
-    _checks.tensor("q", q, layout)
+    empty_ok = ("B", "H")
+    _checks.tensor("q", q, layout, _checks.OP_DTYPES, empty_ok)
     B, H, L, D = q.shape
     for name, x in (("k", k), ("v", v)):
-        _checks.tensor(name, x, layout)
+        _checks.tensor(name, x, layout, _checks.OP_DTYPES, empty_ok)
         _checks.same_device(name, x, "q", q)
         _checks.same_dtype(name, x, "q", q)
         _checks.shape(name, x, (B, H, L, D), layout)
     if rel_bias is not None:
-        _checks.tensor("rel_bias", rel_bias, "[H, 2R+1]")
+        _checks.tensor("rel_bias", rel_bias, "[H, 2R+1]", _checks.OP_DTYPES, ("H",))
         _checks.same_device("rel_bias", rel_bias, "q", q)
         if rel_bias.shape[0] != H or rel_bias.shape[1] % 2 != 1:
             raise ValueError(
                 f"rel_bias must have shape [H, 2R+1] with H = {H} and an odd number of columns, "
                 f"got {tuple(rel_bias.shape)}"
             )
+    lengths = _checks.lengths_or_mask(lengths, mask, B, L, q, "B")
     if sigma is not None:
-        _checks.tensor("sigma", sigma, "[B, H, L]")
+        _checks.tensor("sigma", sigma, "[B, H, L]", _checks.OP_DTYPES, empty_ok)
         _checks.same_device("sigma", sigma, "q", q)
         _checks.shape("sigma", sigma, (B, H, L), "[B, H, L]")
-        if _checks.value_checks_enabled():
-            bad = ~(torch.isfinite(sigma) & (sigma > 0))
-            if bool(bad.any()):
-                first = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"sigma must be finite and > 0 everywhere, got {float(sigma[first])} at index {first}"
-                )
-    lengths = _checks.lengths("lengths", lengths, B, L, q, "B")
+        _check_sigma(sigma, lengths)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -53,6 +48,24 @@ def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff) -> dict:
     return dict(q=q, k=k, v=v, rel_bias=rel_bias, sigma=sigma, lengths=lengths, scale=scale, cutoff=cutoff)
 
 
+def _check_sigma(sigma: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    """sigma must be finite and > 0 on valid query rows; padded rows may hold anything."""
+    ok = torch.isfinite(sigma) & (sigma > 0)
+    if lengths is not None:
+        L = sigma.shape[-1]
+        ok = ok | (torch.arange(L, device=sigma.device) >= lengths[:, None])[:, None, :]
+
+    def explain():
+        at = _checks.first_false(ok)
+        return f"sigma must be finite and > 0 on every valid query row, got {float(sigma[at])} at index {at}"
+
+    _checks.require(ok, "sigma must be finite and > 0 on every valid query row", explain, _checks.value_mode(sigma))
+
+
+def _is_empty(q: torch.Tensor) -> bool:
+    return q.numel() == 0
+
+
 def windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,6 +76,7 @@ def windowed_attention(
     *,
     scale: float | None = None,
     cutoff: float | None = None,
+    mask: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
     r"""Dynamic temporal windowed attention with a relative position bias table.
@@ -101,5 +115,10 @@ def windowed_attention(
         >>> out.shape
         torch.Size([2, 4, 32, 16])
     """
-    case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff)
+    case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask)
+    if _is_empty(q):
+        # torch's convention: an empty batch gives an empty result. The requested impl must still
+        # be able to run here; the reference then builds the (autograd-connected) empty output.
+        _backend.resolve(OP_NAME, impl, q.device, lambda name: _backend.why_not(OP_NAME, __package__, name, q.device, case))
+        impl = "reference"
     return _backend.dispatch(OP_NAME, __package__, impl, q.device, case, windowed_attention_ref)
