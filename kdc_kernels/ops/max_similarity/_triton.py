@@ -44,8 +44,12 @@ Peak extra memory is ``O(Nq * K_PAD)`` plus one working block and the ``[Nv, L]`
 there is never an ``[Nq, Nv]`` buffer (``launch_hooks.on_alloc`` reports every buffer).
 
 Precision: fp16/bf16 tiles go to the tensor cores as they are (fp32 accumulation); fp32 inputs
-use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set (then expect
-errors up to about 1e-3). The backward one-hot GEMM splits its fp32 weights into two TF32 parts
+use IEEE fp32 dots unless TF32 is allowed the torch way (``_config.fp32_dot_precision``: then
+expect errors up to about 1e-3).
+
+Excluded positions: padded clips (``l >= lengths[v]``, any value, NaN included) score ``-inf``
+before the max; a video of length 0 scores ``-inf`` with index 0 and gets no gradient (the
+backward skips ``-inf`` scores), and a clip that no score chose gets exactly zero gradient. The backward one-hot GEMM splits its fp32 weights into two TF32 parts
 for fp16/bf16 inputs, so the gradients stay fp32-accurate. Under ``TRITON_INTERPRET=1`` every
 dot runs in fp32.
 """
@@ -193,11 +197,13 @@ def _max_sim_bwd_dq_kernel(
     proj = tl.zeros((BLOCK_Q,), tl.float32)
     for v0 in range(0, Nv, BLOCK_V):
         ok = n_ok[:, None] & (vv < Nv - v0)[None, :]
+        s = tl.load(score_ptr + nv_ptrs, mask=ok, other=0.0)
+        ok = ok & (s != float("-inf"))  # a video of length 0 has no clip: no gradient
         l = tl.load(index_ptr + nv_ptrs, mask=ok, other=0).to(tl.int32)
         g = tl.load(g_ptrs, mask=ok, other=0.0)
         w = g
         if NORMALIZE:
-            proj += tl.sum(g * tl.load(score_ptr + nv_ptrs, mask=ok, other=0.0), axis=1)
+            proj += tl.sum(g * tl.where(ok, s, 0.0), axis=1)
             c_norm = tl.load(cn_base + vv[None, :] * s_nv + l, mask=ok, other=1.0)
             w = g * (1.0 / tl.maximum(c_norm, _EPS))
         row = vv[None, :] * s_cv + l * s_cl
@@ -259,13 +265,17 @@ def _max_sim_bwd_dc_kernel(
     q_ptrs = q_ptr + nn[:, None] * s_qn + (d0 + dd)[None, :] * s_qd
     acc = tl.zeros((BLOCK_ROWS, BLOCK_D), tl.float32)
     proj = tl.zeros((BLOCK_ROWS,), tl.float32)
+    hits = tl.zeros((BLOCK_ROWS,), tl.int32)
     for n0 in range(0, Nq, BLOCK_N):
         n_ok = nn < Nq - n0
         idx = tl.load(index_ptr + nv_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=-1)
         hit = idx == l[:, None]
+        sc = tl.load(score_ptr + nv_ptrs, mask=hit, other=0.0)
+        hit = hit & (sc != float("-inf"))  # index 0 of a video of length 0 is padding: no gradient
+        hits += tl.sum(hit.to(tl.int32), axis=1)
         w = tl.load(g_ptrs, mask=hit, other=0.0)
         if NORMALIZE:
-            proj += tl.sum(w * tl.load(score_ptr + nv_ptrs, mask=hit, other=0.0), axis=1)
+            proj += tl.sum(w * tl.where(hit, sc, 0.0), axis=1)
             w = w * (1.0 / tl.maximum(tl.load(qn_ptr + n0 + nn, mask=n_ok, other=1.0), _EPS))[None, :]
         qt = tl.load(q_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if SPLIT_W:
@@ -285,7 +295,8 @@ def _max_sim_bwd_dc_kernel(
         ct = tl.load(c_ptr + v064 * s_cv + (vv * s_cv + l * s_cl)[:, None] + (d0 + dd)[None, :] * s_cd,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         proj = tl.where(c_norm > _EPS, c_scale * proj, 0.0)
-        acc = c_scale[:, None] * (acc - proj[:, None] * ct)
+        # a clip no score chose (padding included, which may hold NaN) gets exactly 0
+        acc = tl.where(hits[:, None] > 0, c_scale[:, None] * (acc - proj[:, None] * ct), 0.0)
     out = dc_ptr + v064 * s_dv + (vv * s_dv + l * s_dl)[:, None] + (d0 + dd)[None, :] * s_dd
     tl.store(out, acc.to(dc_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -483,11 +494,12 @@ def _norms(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dot_mode(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """(cast tiles to fp32 before ``tl.dot``, ``input_precision`` of fp32 dots)."""
+    """(cast tiles to fp32 before ``tl.dot``, ``input_precision`` of fp32 dots: the package's
+    one rule, ``_config.fp32_dot_precision``)."""
     if device.type == "cpu":  # the interpreter: fp32 math throughout (its bf16 arithmetic is wrong)
         return True, "ieee"
     if dtype == torch.float32:
-        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return True, _config.fp32_dot_precision(device.type)
     return False, "ieee"  # fp16/bf16 tiles go to the tensor cores as they are
 
 
@@ -819,7 +831,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _common_reasons(queries: torch.Tensor, clips: torch.Tensor) -> list[str]:
     """Shape/dtype reasons only (the case may live on the meta device)."""
     if queries.dtype not in _DTYPES:
-        return [f"the Triton kernels take float32/float16/bfloat16 inputs, got {queries.dtype}"]
+        return [f"the Triton kernels take float32/float16/bfloat16 inputs, got {queries.dtype} "
+                "(convert with .float(), or use impl='reference')"]
     (nv, L, d), reasons = clips.shape, []
     if _tile_span((nv, L, d), (L * d, d, 1), _clip_tile(L, d)) >= _INT32_LIMIT:
         reasons.append(f"a tile of clips would span 2^31 elements or more (L = {L}, D = {d})")
