@@ -19,6 +19,19 @@ TOLERANCE = {
 TF32_TOLERANCE = 1e-3
 
 
+def tf32_enabled(device) -> bool:
+    """Whether fp32 dots on ``device`` may use TF32 (the package's rule: only when the user allowed
+    it the torch way), i.e. whether fp32 results are checked at ``TF32_TOLERANCE``."""
+    from . import _config
+
+    return _config.fp32_dot_precision(torch.device(device).type) == "tf32"
+
+
+def prefix_mask(lengths: torch.Tensor, max_len: int, dtype=torch.bool) -> torch.Tensor:
+    """``[N, max_len]`` mask, true/1 for ``l < lengths[n]``, as PRVR codebases build ``video_mask``."""
+    return (torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]).to(dtype)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 

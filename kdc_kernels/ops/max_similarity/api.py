@@ -59,18 +59,23 @@ def max_similarity(
         index[n, v] = the lowest l attaining it
 
     Args:
-        queries: ``[Nq, D]``, fp32 / fp16 / bf16.
-        clips: ``[Nv, L, D]``, same dtype and device as queries.
-        lengths: ``[Nv]`` integers in ``[1, L]`` (valid clips of each video), or None (all L).
+        queries: ``[Nq, D]``, fp32 / fp16 / bf16 (fp64: reference only). ``Nq`` may be 0.
+        clips: ``[Nv, L, D]``, same dtype and device as queries. ``Nv`` may be 0.
+        lengths: ``[Nv]`` integers in ``[0, L]`` (valid clips of each video; a list of ints works
+            too), or None (all L). A video of length 0 scores ``-inf`` with index 0 and gets no
+            gradient.
         normalize: L2-normalise queries and clips first (``x / max(|x|, 1e-12)``).
         return_index: also return the argmax clip of each (query, video).
+        mask: instead of ``lengths``: ``[Nv, L]`` bool or 0/1 (true = valid), a prefix per video,
+            as PRVR codebases pass ``video_mask``. Not both.
         impl: ``None`` (= ``KDC_IMPL``, default ``"auto"``), ``"auto"``, ``"reference"``,
             ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``score`` float32 ``[Nq, Nv]``, or ``(score, index)`` with index int64 ``[Nq, Nv]``.
         The gradient of ``score[n, v]`` flows only to ``queries[n]`` and ``clips[v, index[n, v]]``.
-        NaN in the inputs gives undefined scores and indices (not checked).
+        Padded clips may hold anything (NaN too) and never change a score, an index or a
+        gradient; NaN in a valid clip or a query gives undefined scores (not checked).
 
     Example:
         >>> q, c = torch.randn(10, 64), torch.randn(4, 32, 64)
@@ -101,7 +106,9 @@ def max_similarity_topk(
     fast paths).
 
     Args:
-        queries: ``[Nq, D]``; clips: ``[Nv, L, D]``; lengths: ``[Nv]`` or None; as in max_similarity.
+        queries: ``[Nq, D]``; clips: ``[Nv, L, D]``; lengths: ``[Nv]`` or None (or ``mask``
+            ``[Nv, L]``); as in max_similarity. A video of length 0 scores ``-inf``: it ranks
+            after every video with a finite score.
         k: number of videos to return, ``1 <= k <= Nv``.
         normalize: L2-normalise queries and clips first.
         impl: as in :func:`max_similarity`.

@@ -718,6 +718,9 @@ def windowed_attention_unsupported(q, k, v, rel_bias=None, sigma=None, lengths=N
     """Why these kernels cannot run this case (shapes/dtypes only; empty when they can)."""
     reasons = []
     B, H, L, D = q.shape
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"the Triton kernels take float32/float16/bfloat16 inputs, got {q.dtype} "
+                       "(convert with .float(), or use impl='reference')")
     if D > MAX_HEAD_DIM:
         reasons.append(f"head dim D = {D} is larger than the {MAX_HEAD_DIM} the Triton kernels support")
     if rel_bias is not None and rel_bias.requires_grad and torch.is_grad_enabled():

@@ -89,22 +89,32 @@ def windowed_attention(
         out[i] = softmax_j(logit[i, :]) @ v   (i < lengths[b]),   0 for padded rows
 
     Args:
-        q, k, v: ``[B, H, L, D]``, fp32 / fp16 / bf16, same dtype and device, any strides.
+        q, k, v: ``[B, H, L, D]``, fp32 / fp16 / bf16 (fp64: reference only), same dtype and
+            device, any strides. ``B`` or ``H`` may be 0 (empty output).
         rel_bias: ``[H, 2R+1]`` float relative position bias table, or None.
-        sigma: ``[B, H, L]`` float > 0, per-query Gaussian window width (in positions), or None.
-        lengths: ``[B]`` integers in ``[1, L]`` (valid prefix of each sequence), or None (all L).
+        sigma: ``[B, H, L]`` float, finite and > 0 on valid rows (any tiny value works), the
+            per-query Gaussian window width in positions, or None.
+        lengths: ``[B]`` integers in ``[0, L]`` (valid prefix of each sequence; a list of ints
+            works too), or None (all L). A sequence of length 0 outputs zeros.
         scale: logit scale, default ``D ** -0.5``.
         cutoff: float > 0: drop keys with ``|i - j| > cutoff * sigma_i`` (needs sigma).
+        mask: instead of ``lengths``: ``[B, L]`` bool or 0/1 (true = valid), a prefix per row,
+            as PRVR codebases pass ``video_mask``. Not both.
         impl: ``None`` (= ``KDC_IMPL``, default ``"auto"``), ``"auto"``, ``"reference"``,
             ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``[B, H, L, D]`` in q's dtype. Softmax and accumulation run in fp32. Gradients flow to
-        q, k, v, rel_bias and sigma. NaN or inf in q/k/v/rel_bias propagate to the output rows
-        they touch; they are not checked.
+        ``[B, H, L, D]`` in q's dtype. Softmax and accumulation run in fp32 (fp32 dots in IEEE
+        fp32 unless TF32 is allowed the torch way). Gradients flow to q, k, v, rel_bias and
+        sigma. Excluded positions (padding, keys beyond a row's cutoff) may hold anything, NaN
+        included, and never change a valid output or gradient; a NaN/inf that a valid row's
+        window does hold makes that row NaN (not checked).
 
     Raises:
-        TypeError / ValueError: invalid arguments (the message names the argument).
+        TypeError / ValueError: invalid arguments (the message names the argument). Data checks
+            (lengths, mask, sigma values) follow ``KDC_VALUE_CHECKS``: a ValueError on CPU
+            tensors, a device-side assert (no host sync) on GPU tensors unless
+            ``KDC_VALUE_CHECKS=sync``.
         NotImplementedError: an explicit ``impl`` cannot run this call (every reason listed).
 
     Example:
@@ -114,6 +124,10 @@ def windowed_attention(
         ...                          sigma=torch.full((B, H, L), 4.0), lengths=torch.tensor([32, 7]))
         >>> out.shape
         torch.Size([2, 4, 32, 16])
+        >>> video_mask = torch.arange(L)[None] < torch.tensor([32, 7])[:, None]   # [B, L]
+        >>> torch.equal(windowed_attention(q, k, v, mask=video_mask.float()),
+        ...             windowed_attention(q, k, v, lengths=torch.tensor([32, 7])))
+        True
     """
     case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask)
     if _is_empty(q):
