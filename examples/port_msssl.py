@@ -126,7 +126,7 @@ def make_data(nq, nv, L, D, device, seed=0):
     gt = torch.randint(0, max(1, nv - 1), (nq,), generator=g)
     # each query resembles one valid clip of its video
     pick = (torch.rand(nq, generator=g) * lengths[gt].clamp_min(1)).long()
-    query = clips[gt, pick] + 1.5 * torch.randn(nq, D, generator=g)
+    query = clips[gt, pick] + 5.0 * torch.randn(nq, D, generator=g)
     return query.to(device), clips.to(device), video_mask.to(device), gt.to(device)
 
 
