@@ -8,6 +8,7 @@ tests, or an equivalent change). The results are recorded in the docstring of
 
     python -m tests.ops.triton_mutations              # every mutation (about a minute each)
     python -m tests.ops.triton_mutations 1 6 15       # some of them
+    python -m tests.ops.triton_mutations --first      # stop each run at its first failing test
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ MUTATIONS = [
 ]
 
 
-def run(number: int) -> tuple[str, list[str]]:
+def run(number: int, first_only: bool = False) -> tuple[str, list[str]]:
     path, old, new, _ = MUTATIONS[number - 1]
     with tempfile.TemporaryDirectory(prefix=f"kdc-mutant-{number}-") as tmp:
         copy = Path(tmp) / "repo"
@@ -84,16 +85,17 @@ def run(number: int) -> tuple[str, list[str]]:
             return "not applicable (the code changed)", []
         target.write_text(text.replace(old, new))
         cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
-               *TESTS[path]]
+               *(["-x"] if first_only else []), *TESTS[path]]
         proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=1800)
         failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
         return ("killed" if proc.returncode != 0 else "SURVIVED"), failed
 
 
 def main(argv: list[str]) -> int:
-    numbers = [int(a) for a in argv] or range(1, len(MUTATIONS) + 1)
+    first_only = "--first" in argv  # stop at the first failing test (much faster on a busy machine)
+    numbers = [int(a) for a in argv if a != "--first"] or range(1, len(MUTATIONS) + 1)
     for number in numbers:
-        status, failed = run(number)
+        status, failed = run(number, first_only)
         path, _, _, what = MUTATIONS[number - 1]
         print(f"{number:2d} {Path(path).parent.name}: {what}: {status}", flush=True)
         for test in failed:

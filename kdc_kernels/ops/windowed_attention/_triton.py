@@ -279,7 +279,7 @@ def _window_attn_fwd_kernel(
     for n0 in range(lo, hi, BN):
         s_j, j, b_j, col_in, k, v, bad = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
                                                    sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32)
-        x, _, ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+        x, _d, ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
                            HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         poison = tl.maximum(poison, tl.max(tl.where(ok, bad[None, :], 0), 1))
         m_new = tl.maximum(m_run, tl.max(x, 1))
@@ -337,9 +337,9 @@ def _window_attn_bwd_q_kernel(
     bias_acc = tl.zeros([NBP], tl.float32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        s_j, j, b_j, col_in, k, v, _ = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+        s_j, j, b_j, col_in, k, v, _bad = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
                                                  sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32)
-        x, d, _ = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+        x, d, _ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
                           HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         p, ds = _softmax_grad(x, lse, do, v, delta, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -379,7 +379,7 @@ def _window_attn_bwd_kv_kernel(
     gid, h, b0 = _group(B, G)
     n0 = pid_n * BN
     dd = tl.arange(0, BLOCK_D)
-    s_j, j, b_j, col_in, k, v, _ = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+    s_j, j, b_j, col_in, k, v, _bad = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
                                              sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32)
     n_j = _lengths(b_j, B, L, LENGTHS, HAS_LENGTHS)
     maxlen = tl.max(n_j, 0)
@@ -407,7 +407,7 @@ def _window_attn_bwd_kv_kernel(
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         else:
             delta = tl.load(DELTA + stat_rows, mask=row_in, other=0.0)
-        x, d, _ = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+        x, d, _ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
                           HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         p, ds = _softmax_grad(x, lse, do, v, delta, PRECISION)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
