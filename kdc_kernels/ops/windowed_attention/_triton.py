@@ -37,9 +37,10 @@ How the work is laid out:
 * Dots take the inputs' dtype on the GPU (tensor cores) with fp32 accumulation; fp32 inputs use
   IEEE fp32 dots unless TF32 is allowed the torch way (``_config.fp32_dot_precision``). Under the
   CPU interpreter every tile is converted to fp32 first (its bf16 arithmetic is wrong).
-* Excluded means excluded: padded query rows and keys are never read (masked loads), a
-  non-finite key or value inside the length is zeroed and flags the rows whose window holds it
-  (output NaN, lse +inf, no gradient), so NaN/inf in a position a row excludes never reaches it.
+* Excluded means excluded: padded query rows and keys are never read (masked loads); a key
+  whose k or v holds NaN/inf inside the length is zeroed, and a NaN added to its logits poisons
+  exactly the rows whose window holds it (output NaN, lse +inf: P = 0 and Delta = 0 in the
+  backward), so a NaN/inf in a position a row excludes never reaches that row.
 """
 
 from __future__ import annotations
@@ -144,33 +145,40 @@ def _query_tile(Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, s
 
 @_helper
 def _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, dd,
-              HAS_LENGTHS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Key columns of a tile: slots, positions, batch rows, which exist, k, v, and which keys
-    hold a non-finite value (zeroed in k and v).
+              HAS_LENGTHS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, DOT_FP32: tl.constexpr,
+              FLAG: tl.constexpr):
+    """Key columns of a tile: slots, positions, batch rows, which exist, k and v with every
+    non-finite element zeroed, and (FLAG) per key 0, or NaN when its k or v held a non-finite
+    value (then its whole k and v rows are zeroed).
 
-    Excluded means excluded: padded keys are never read, and a NaN/inf key or value inside the
-    length is replaced by 0 so that 0 * NaN cannot reach a row whose window excludes it (an
-    excluded key has weight exactly 0 in every dot); the caller poisons the rows whose window
-    holds a flagged key instead."""
+    Excluded means excluded: padded keys are never read, and a NaN/inf inside the length is
+    zeroed so that 0 * NaN cannot reach a row whose window excludes the key (an excluded key has
+    weight exactly 0 in every dot). The forward adds the NaN flag to the logits of the rows whose
+    window holds the key, which poisons exactly those rows; the backward needs no flag (poisoned
+    rows have lse = +inf, so P = 0 there) and zeroes element-wise, without a row reduction."""
     s_j, j, b_j = _slots(n0, b0, G, BN)
     col_in = (j < L) & (b_j < B)
     col_ok = j < _lengths(b_j, B, L, LENGTHS, HAS_LENGTHS)
     k = _load_rows(K, _offsets(b_j, h, j, sk_b, sk_h, sk_l), col_ok, dd, sk_d, D, DOT_FP32)
     v = _load_rows(V, _offsets(b_j, h, j, sv_b, sv_h, sv_l), col_ok, dd, sv_d, D, DOT_FP32)
-    k_fin = tl.abs(k) < float("inf")  # false for NaN too
-    v_fin = tl.abs(v) < float("inf")
-    bad = tl.max(tl.where(k_fin & v_fin, 0, 1), 1)
-    return s_j, j, b_j, col_in, tl.where(k_fin, k, 0.0), tl.where(v_fin, v, 0.0), bad
+    if FLAG:  # x * 0 is 0 for finite x and NaN for NaN/inf: one row sum flags a key
+        flag = tl.sum(k.to(tl.float32) * 0.0, 1) + tl.sum(v.to(tl.float32) * 0.0, 1)
+        bad = (flag != flag)[:, None]
+        return s_j, j, b_j, col_in, tl.where(bad, 0.0, k).to(k.dtype), tl.where(bad, 0.0, v).to(v.dtype), flag
+    k = tl.where(k * 0.0 == 0.0, k, 0.0).to(k.dtype)
+    v = tl.where(v * 0.0 == 0.0, v, 0.0).to(v.dtype)
+    return s_j, j, b_j, col_in, k, v, tl.zeros([G * BN], tl.float32)  # unused
 
 
 @_helper
-def _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+def _logits(q, k, flag, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
             HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, G: tl.constexpr,
             PRECISION: tl.constexpr):
     """Logits of a tile in log2 units, -inf where the key is excluded (other sequence, padding,
-    cutoff), j - i (fp32: positions are exact, and float index math is as cheap as int32 on
-    the GPU and much cheaper in the interpreter) and the mask of included keys."""
-    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    cutoff), and j - i (fp32: positions are exact, and float index math is as cheap as int32 on
+    the GPU and much cheaper in the interpreter). ``flag`` (0, or NaN for a key that held a
+    non-finite value) is added before the mask: it poisons the included entries only."""
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + flag
     d = j.to(tl.float32)[None, :] - i.to(tl.float32)[:, None]
     ok = (i[:, None] < n_i[:, None]) & (j[None, :] < n_i[:, None])
     if G > 1:
@@ -183,7 +191,7 @@ def _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r,
         x -= tl.where(d == 0.0, 0.0, d * d * coef[:, None])
         if HAS_CUTOFF:
             ok = ok & (tl.abs(d) <= win[:, None])
-    return tl.where(ok, x, float("-inf")), d, ok
+    return tl.where(ok, x, float("-inf")), d
 
 
 @_helper
@@ -274,14 +282,12 @@ def _window_attn_fwd_kernel(
     m_run = tl.full([G * BM], float("-inf"), tl.float32)
     l_run = tl.zeros([G * BM], tl.float32)
     acc = tl.zeros([G * BM, BLOCK_D], tl.float32)
-    poison = tl.zeros([G * BM], tl.int32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        s_j, j, b_j, col_in, k, v, bad = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
-                                                   sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32)
-        x, _d, ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-                           HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
-        poison = tl.maximum(poison, tl.max(tl.where(ok, bad[None, :], 0), 1))
+        s_j, j, b_j, col_in, k, v, flag = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                                    sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32, True)
+        x, _d = _logits(q, k, flag[None, :], qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+                        HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         m_new = tl.maximum(m_run, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
         p = tl.exp2(x - m_safe[:, None])
@@ -292,13 +298,15 @@ def _window_attn_fwd_kernel(
         if COUNT_VISITS:
             visits += 1
 
+    poisoned = l_run != l_run  # a key in the row's window held NaN/inf
     l_safe = tl.where(l_run > 0.0, l_run, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     _store_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
-                tl.where(poison[:, None] > 0, float("nan"), out))
-    # 0 for padded rows (and for a row with no key, which valid inputs never produce): finite.
+                tl.where(poisoned[:, None], float("nan"), out))
+    # 0 for padded rows (and for a row with no key, which valid inputs never produce): finite;
+    # +inf for poisoned rows, so that the backward's P = exp2(x - lse) is 0 there.
     lse = tl.where(row_ok & (l_run > 0.0), m_run + tl.log2(l_safe), 0.0)
-    lse = tl.where(poison > 0, float("inf"), lse)
+    lse = tl.where(poisoned, float("inf"), lse)
     tl.store(LSE + _offsets(b_i, h, i, H * L, L, 1), lse, mask=row_in)
     if COUNT_VISITS:
         tl.store(VISITS + gid * tl.num_programs(1) + pid_m, visits)
@@ -323,13 +331,13 @@ def _window_attn_bwd_q_kernel(
     s_i, i, b_i, n_i, row_in, row_ok, q, sig, coef, win = _query_tile(
         Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, ss_b, ss_h, ss_l, cutoff, dd,
         HAS_SIGMA, HAS_LENGTHS, G, BM, DOT_FP32)
-    stat_rows = _offsets(b_i, h, i, H * L, L, 1)
-    lse = tl.load(LSE + stat_rows, mask=row_in, other=0.0)
-    live = row_ok & (lse != float("inf"))  # poisoned rows (NaN output) pass no gradient
-    do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), live, dd, sdo_d, D, DOT_FP32)
-    o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), live, dd, 1, D, DOT_FP32)
+    do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
+    o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, 1, D, DOT_FP32)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    delta = tl.where(delta == delta, delta, 0.0)  # NaN (a poisoned row's output): P = 0 there, keep dS 0
+    stat_rows = _offsets(b_i, h, i, H * L, L, 1)
     tl.store(DELTA + stat_rows, delta, mask=row_in)
+    lse = tl.load(LSE + stat_rows, mask=row_in, other=0.0)
     lo, hi = _window(m0, tl.max(n_i, 0), win, row_ok, HAS_CUTOFF, BM, BN)
 
     dq = tl.zeros([G * BM, BLOCK_D], tl.float32)
@@ -337,10 +345,10 @@ def _window_attn_bwd_q_kernel(
     bias_acc = tl.zeros([NBP], tl.float32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        s_j, j, b_j, col_in, k, v, _bad = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
-                                                 sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32)
-        x, d, _ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-                          HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
+        s_j, j, b_j, col_in, k, v, _flag = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                                     sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32, False)
+        x, d = _logits(q, k, 0.0, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         p, ds = _softmax_grad(x, lse, do, v, delta, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if NEED_SIGMA:
@@ -379,8 +387,8 @@ def _window_attn_bwd_kv_kernel(
     gid, h, b0 = _group(B, G)
     n0 = pid_n * BN
     dd = tl.arange(0, BLOCK_D)
-    s_j, j, b_j, col_in, k, v, _bad = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
-                                             sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32)
+    s_j, j, b_j, col_in, k, v, _flag = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                                 sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32, False)
     n_j = _lengths(b_j, B, L, LENGTHS, HAS_LENGTHS)
     maxlen = tl.max(n_j, 0)
     # Query rows that can see this key block: within cutoff * (widest sigma of the sequence).
@@ -398,17 +406,17 @@ def _window_attn_bwd_kv_kernel(
         s_i, i, b_i, n_i, row_in, row_ok, q, sig, coef, win = _query_tile(
             Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, ss_b, ss_h, ss_l, cutoff, dd,
             HAS_SIGMA, HAS_LENGTHS, G, BM, DOT_FP32)
+        do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
         stat_rows = _offsets(b_i, h, i, H * L, L, 1)
         lse = tl.load(LSE + stat_rows, mask=row_in, other=0.0)
-        live = row_ok & (lse != float("inf"))  # poisoned rows (NaN output) pass no gradient
-        do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), live, dd, sdo_d, D, DOT_FP32)
         if FUSED:
-            o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), live, dd, 1, D, DOT_FP32)
+            o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, 1, D, DOT_FP32)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            delta = tl.where(delta == delta, delta, 0.0)  # NaN (a poisoned row's output): P = 0 there
         else:
             delta = tl.load(DELTA + stat_rows, mask=row_in, other=0.0)
-        x, d, _ok = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-                          HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
+        x, d = _logits(q, k, 0.0, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         p, ds = _softmax_grad(x, lse, do, v, delta, PRECISION)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
