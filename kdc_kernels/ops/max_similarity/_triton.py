@@ -45,13 +45,13 @@ there is never an ``[Nq, Nv]`` buffer (``launch_hooks.on_alloc`` reports every b
 
 Precision: fp16/bf16 tiles go to the tensor cores as they are (fp32 accumulation); fp32 inputs
 use IEEE fp32 dots unless TF32 is allowed the torch way (``_config.fp32_dot_precision``: then
-expect errors up to about 1e-3).
+expect errors up to about 1e-3). The backward one-hot GEMM splits its fp32 weights into two TF32
+parts for fp16/bf16 inputs, so the gradients stay fp32-accurate. Under ``TRITON_INTERPRET=1``
+every dot runs in fp32.
 
 Excluded positions: padded clips (``l >= lengths[v]``, any value, NaN included) score ``-inf``
 before the max; a video of length 0 scores ``-inf`` with index 0 and gets no gradient (the
-backward skips ``-inf`` scores), and a clip that no score chose gets exactly zero gradient. The backward one-hot GEMM splits its fp32 weights into two TF32 parts
-for fp16/bf16 inputs, so the gradients stay fp32-accurate. Under ``TRITON_INTERPRET=1`` every
-dot runs in fp32.
+backward skips ``-inf`` scores), and a clip that no score chose gets exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -270,12 +270,11 @@ def _max_sim_bwd_dc_kernel(
         n_ok = nn < Nq - n0
         idx = tl.load(index_ptr + nv_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=-1)
         hit = idx == l[:, None]
-        sc = tl.load(score_ptr + nv_ptrs, mask=hit, other=0.0)
-        hit = hit & (sc != float("-inf"))  # index 0 of a video of length 0 is padding: no gradient
-        hits += tl.sum(hit.to(tl.int32), axis=1)
         w = tl.load(g_ptrs, mask=hit, other=0.0)
+        # weights of -inf scores (a video of length 0, whose index 0 is padding) are 0 (launcher)
+        hits += tl.sum((w != 0.0).to(tl.int32), axis=1)
         if NORMALIZE:
-            proj += tl.sum(w * tl.where(hit, sc, 0.0), axis=1)
+            proj += tl.sum(tl.where(w != 0.0, w * tl.load(score_ptr + nv_ptrs, mask=hit, other=0.0), 0.0), axis=1)
             w = w * (1.0 / tl.maximum(tl.load(qn_ptr + n0 + nn, mask=n_ok, other=1.0), _EPS))[None, :]
         qt = tl.load(q_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if SPLIT_W:
@@ -295,7 +294,8 @@ def _max_sim_bwd_dc_kernel(
         ct = tl.load(c_ptr + v064 * s_cv + (vv * s_cv + l * s_cl)[:, None] + (d0 + dd)[None, :] * s_cd,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         proj = tl.where(c_norm > _EPS, c_scale * proj, 0.0)
-        # a clip no score chose (padding included, which may hold NaN) gets exactly 0
+        # a clip no score chose with a nonzero weight (padding included, which may hold NaN) gets
+        # exactly 0 (and would get 0 anyway when its clip is finite)
         acc = tl.where(hits[:, None] > 0, c_scale[:, None] * (acc - proj[:, None] * ct), 0.0)
     out = dc_ptr + v064 * s_dv + (vv * s_dv + l * s_dl)[:, None] + (d0 + dd)[None, :] * s_dd
     tl.store(out, acc.to(dc_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -814,6 +814,8 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_score, _grad_index):
     queries, clips, score, index = ctx.saved_tensors
     need_dq, need_dc = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # a -inf score (a video of length 0) passes no gradient: its index points at padding
+    grad_score = grad_score.masked_fill(score == float("-inf"), 0.0)
     dq, dc = max_similarity_bwd_op(grad_score, queries, clips, score, index, ctx.normalize, need_dq, need_dc)
     return (dq if need_dq else None), (dc if need_dc else None), None, None
 
