@@ -11,43 +11,50 @@ max_similarity: lengths and maxima placed at the clip-chunk edges of the interpr
 (64 clip columns), videos and queries one past a block, a strongly matching padded clip that
 must be ignored.
 
-Mutation campaign (``python -m tests.ops.triton_mutations``: each mutation applied to a copy of
-the repository, these tests plus ``test_contract_v2.py`` and the op's own Triton test module run,
-then discarded). Killed by (first failing test of this module, or ``contract`` /
-``triton`` for tests/ops/test_contract_v2.py / test_<op>_triton.py):
+Mutation campaign (``python -m tests.ops.triton_mutations --first``: each mutation applied to a
+copy of the repository, then this module, ``test_contract_v2.py`` and the op's own Triton test
+module run in that order on the CPU interpreter, stopping at the first failure; the copy is then
+discarded). The first test that kills each mutation (``contract`` = tests/ops/test_contract_v2.py,
+``triton`` = the op's test_<op>_triton.py); on the 2-core CPU machine, 25 mutations:
 
-==  =================================================================  ==========================================
-#   mutation (windowed_attention/_triton.py unless noted)               killed by
-==  =================================================================  ==========================================
-1   ``_window`` lo: ``start - wmax - 1.0`` -> ``start - wmax + 8.0``    attention_boundaries[narrow-uniform]
-2   ``_window`` hi: ``start + BLK + wmax + 1.0`` -> ``start + BLK``     attention_boundaries[narrow-uniform]
-3   ``_window`` lo: ``start - wmax - 1.0`` -> ``start - wmax - 65.0``   attention_boundaries[narrow-uniform]
-                    (correct but visits an extra block: efficiency)     (visited-block bound)
-4   ``_window``: ``hi * any_ok`` -> ``hi`` (tiles without valid rows    attention_boundaries[narrow-ragged]
-    still visit blocks)                                                 (visited-block bound)
-5   ``_window``: widest window ``tl.max`` -> ``tl.min`` over the rows   attention_boundaries[wide-rows-at-edges]
-6   ``_logits`` cutoff ``tl.abs(d) <= win`` -> ``<``                    attention_boundaries[narrow-uniform]
-7   ``_logits``: key mask ``j < n_i`` dropped                           attention_boundaries[narrow-ragged]
-8   ``_logits``: packed-sequence mask ``s_i == s_j`` dropped            triton (test_matches_reference)
-9   launcher ``sigma_max``: ``amax`` -> ``amin`` (key-side skipping)    attention_boundaries[wide-rows-at-edges]
-10  launcher ``sigma_max``: padded rows not masked out                  contract (excluded positions, tiled)
-11  ``_query_tile``: q loaded on ``row_in`` instead of ``row_ok``       attention_boundaries[narrow-ragged]
-    (padded rows read)
-12  ``_key_tile``: non-finite keys not zeroed                           contract (excluded positions)
-13  fwd: poison every row (``tl.where(ok, bad, 0)`` -> ``bad``)         contract (excluded positions)
-14  ``_dsigma``: ``t / sigma^3`` without the ``t == 0`` guard           contract (any positive sigma)
-15  max_similarity ``_video_max_tile``: ``l < n_valid`` -> ``<=``       similarity_boundaries
-16  max_similarity ``_video_max_tile``: ``a + l0`` -> ``a``             similarity_boundaries
-17  max_similarity ``_video_max_tile``: ``m > best`` -> ``m >= best``   similarity_boundaries
-    (later chunk wins a tie)
-18  max_similarity dq: the ``-inf`` (length 0) guard dropped            contract (excluded clips, empty videos)
-19  max_similarity dc: ``hits > 0`` guard dropped                       contract (excluded clips, empty videos)
-20  max_similarity top-k: ``vv < Nv - v0`` -> ``vv <= Nv - v0``         triton (test_topk_matches_reference)
-==  =================================================================  ==========================================
+==  ====================================================================  ================================================
+#   mutation (windowed_attention/_triton.py unless marked max-sim)         first killed by
+==  ====================================================================  ================================================
+1   ``_window`` lo: ``start - wmax - 1.0`` -> ``start - wmax + 8.0``       test_attention_boundaries[narrow-uniform]
+2   ``_window`` hi: ``start + BLK + wmax + 1.0`` -> ``start + BLK``        test_attention_boundaries[narrow-uniform]
+3   ``_window`` lo: ``- 1.0`` -> ``- 65.0`` (an extra block: efficiency)   test_attention_boundaries[narrow-uniform]
+4   ``_window``: ``hi * any_ok`` -> ``hi`` (tiles without valid rows       test_attention_boundaries[narrow-ragged]
+    visit blocks: efficiency)
+5   ``_window``: the tile's window from its narrowest row (``tl.min``)    test_attention_boundaries[wide-rows-at-edges]
+6   ``_logits`` cutoff ``tl.abs(d) <= win`` -> ``<``                       test_attention_boundaries[narrow-uniform]
+7   ``_logits``: key mask ``j < n_i`` -> ``j >= 0`` (padding attended)     test_attention_boundaries[narrow-ragged]
+8   ``_logits``: packed-sequence mask ``s_i == s_j`` dropped               contract excluded positions [packed]
+9   launcher ``sigma_max``: ``amax`` -> ``amin`` (key-side skipping)       test_attention_boundaries[wide-rows-at-edges]
+10  launcher ``sigma_max``: padded rows not masked out                     test_attention_boundaries[narrow-ragged]
+11  ``_query_tile``: q loaded on ``row_in`` (padded rows read)             test_attention_boundaries[narrow-ragged]
+12  ``_key_tile`` (forward): non-finite k/v not zeroed                     contract excluded positions [packed]
+13  ``_key_tile`` (backward): non-finite k not zeroed                      contract excluded positions [packed]
+14  forward: the NaN flag not added (rows holding a NaN key stay finite)  contract excluded positions [packed]
+15  ``_bwd_q``: a poisoned row's NaN Delta kept                            contract excluded positions [tiled]
+16  ``_dsigma``: ``t / sigma^3`` without the ``t == 0`` guard              contract any positive sigma [1e-23]
+17  max-sim ``_video_max_tile``: ``l < n_valid`` -> ``<=``                 test_similarity_boundaries
+18  max-sim ``_video_max_tile``: ``a + l0`` -> ``a`` (chunk offset lost)   test_similarity_boundaries
+19  max-sim ``_video_max_tile``: ``m > best`` -> ``>=`` (later chunk       test_similarity_boundaries
+    wins a tie)
+20  max-sim dq: the ``-inf`` (length-0 video) guard dropped                test_similarity_boundaries
+21  max-sim dc: the ``hits > 0`` guard dropped (padded NaN clips)          contract excluded clips and empty videos
+22  max-sim top-k: ``vv < Nv - v0`` -> ``<=``                              survived (equivalent, see below)
+23  ``_window_attn_fwd``: out stored on ``row_ok`` (padded rows unwritten)  test_attention_boundaries[narrow-ragged]
+24  max-sim top-k merge: ``col < n_cols`` -> ``<=``                        triton test_topk_matches_reference
+25  ``_key_tile``: k loaded on ``col_in`` (padded keys read)               survived (equivalent, see below)
+==  ====================================================================  ================================================
 
-Survivors (equivalent for every output, recorded so nobody re-runs them): ``_key_tile`` loading
-keys on ``col_in`` instead of ``j < length`` (padded keys are then read, but zeroed if non-finite
-and masked to weight 0 anyway: a second line of defence, not a bug).
+Mutation 1 (the one the reliability report found) is killed by this module only: a full run of
+the three modules fails test_attention_boundaries[narrow-uniform, narrow-ragged, fractional] and
+nothing else. Survivors, equivalent for every result (recorded so nobody re-runs them): 22 adds a
+candidate one past the last video, which scores -inf and has the highest index, so it can never
+enter a top-k of k <= Nv; 25 reads padded keys, which are then masked to weight 0 (and zeroed if
+non-finite): a second line of defence, not a bug.
 """
 
 from __future__ import annotations
