@@ -49,9 +49,9 @@ discarded). The first test that kills each mutation (``contract`` = tests/ops/te
 25  ``_key_tile``: k loaded on ``col_in`` (padded keys read)               survived (equivalent, see below)
 ==  ====================================================================  ================================================
 
-Mutation 1 (the one the reliability report found) is killed by this module only: a full run of
-the three modules fails test_attention_boundaries[narrow-uniform, narrow-ragged, fractional] and
-nothing else. Survivors, equivalent for every result (recorded so nobody re-runs them): 22 adds a
+Mutation 1 (the one the reliability report found) is killed by this module only: in a full run
+of the three modules (without ``--first``, on an earlier revision of these cases) only
+test_attention_boundaries[narrow-uniform, narrow-ragged, fractional] failed. Survivors, equivalent for every result (recorded so nobody re-runs them): 22 adds a
 candidate one past the last video, which scores -inf and has the highest index, so it can never
 enter a top-k of k <= Nv; 25 reads padded keys, which are then masked to weight 0 (and zeroed if
 non-finite): a second line of defence, not a bug.
