@@ -7,7 +7,8 @@ with ``os.environ`` / ``monkeypatch.setenv`` and see the effect on the next call
 | --- | --- | --- |
 | ``KDC_IMPL`` | auto, reference, triton, cuda | default ``impl`` of every op |
 | ``KDC_DETERMINISTIC`` | 0, 1 | bitwise run-to-run identical gradients on the fast paths |
-| ``KDC_SKIP_VALUE_CHECKS`` | 0, 1 | skip data-dependent checks (lengths range, sigma > 0) that need a device sync |
+| ``KDC_VALUE_CHECKS`` | auto, sync, async, off | data-dependent checks (lengths in range, sigma finite and > 0 on valid rows, mask is a 0/1 prefix): ``sync`` reads the values on the host and raises a ``ValueError`` naming the argument and the first bad entry (a device sync per check: the debug mode); ``async`` enqueues device-side asserts (no host sync; on a GPU a bad value ends in "device-side assert triggered", rerun with ``sync`` to see which); ``off`` trusts the data; ``auto`` (default): ``sync`` for CPU tensors (no device to wait for), ``async`` elsewhere |
+| ``KDC_SKIP_VALUE_CHECKS`` | 0, 1 | older spelling of ``KDC_VALUE_CHECKS=off`` (``1`` wins over ``KDC_VALUE_CHECKS``) |
 | ``KDC_JIT`` | 0, 1 | build the CUDA extension on first use (editable installs) |
 | ``TRITON_INTERPRET`` | 0, 1 | Triton's own flag: run Triton kernels on the CPU interpreter |
 | ``KDC_POISON_OUTPUTS`` | 0, 1 | test hook: fast paths fill the outputs they allocate with NaN (integers with -1) before their kernels run, so an unwritten element fails a comparison (also read by the compiled extension) |
@@ -52,9 +53,45 @@ def deterministic() -> bool:
     return _flag("KDC_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
 
 
-def skip_value_checks() -> bool:
-    """``KDC_SKIP_VALUE_CHECKS=1``: trust lengths/sigma values (saves one device sync per call)."""
-    return _flag("KDC_SKIP_VALUE_CHECKS")
+VALUE_CHECK_MODES = ("auto", "sync", "async", "off")
+
+
+def value_check_mode(device_type: str) -> str:
+    """How data-dependent argument checks run for tensors on ``device_type``: ``"sync"``,
+    ``"async"`` or ``"off"`` (``KDC_VALUE_CHECKS``, default ``auto``: ``sync`` on the CPU, where
+    reading a value costs no device synchronisation, ``async`` on every other device)."""
+    if _flag("KDC_SKIP_VALUE_CHECKS"):
+        return "off"
+    raw = os.environ.get("KDC_VALUE_CHECKS", "").strip().lower() or "auto"
+    if raw not in VALUE_CHECK_MODES:
+        raise ValueError(f"environment variable KDC_VALUE_CHECKS must be one of {VALUE_CHECK_MODES}, got {raw!r}")
+    if raw == "auto":
+        return "sync" if device_type == "cpu" else "async"
+    return raw
+
+
+def fp32_dot_precision(device_type: str) -> str:
+    """``"tf32"`` or ``"ieee"``: the precision of fp32 x fp32 dots in every kernel (the op
+    contract's rule, the same for every op and impl).
+
+    fp32 inputs compute in IEEE fp32 unless the user allowed TF32 the torch way:
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, ``torch.set_float32_matmul_precision("high")``
+    (or ``"medium"``), or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``. CPU tensors
+    (the Triton interpreter) always use IEEE. Read when a kernel launches, as torch reads it for
+    its own matmuls.
+    """
+    import torch
+
+    if device_type != "cuda":
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 reports both spellings through fp32_precision; reading the legacy flags after
+    # the new API was used raises, so the new attribute is read first.
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision
+    tf32 = matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def triton_interpret() -> bool:

@@ -19,6 +19,19 @@ TOLERANCE = {
 TF32_TOLERANCE = 1e-3
 
 
+def tf32_enabled(device) -> bool:
+    """Whether fp32 dots on ``device`` may use TF32 (the package's rule: only when the user allowed
+    it the torch way), i.e. whether fp32 results are checked at ``TF32_TOLERANCE``."""
+    from . import _config
+
+    return _config.fp32_dot_precision(torch.device(device).type) == "tf32"
+
+
+def prefix_mask(lengths: torch.Tensor, max_len: int, dtype=torch.bool) -> torch.Tensor:
+    """``[N, max_len]`` mask, true/1 for ``l < lengths[n]``, as PRVR codebases build ``video_mask``."""
+    return (torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]).to(dtype)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -169,9 +182,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, name
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     if torch.isnan(actual).any() and not torch.isnan(expected).any():
         raise AssertionError(f"{name}: {int(torch.isnan(actual).sum())} NaN element(s) (unwritten output?)")
-    err = max_abs_err(actual, expected)
+    a, e = actual.detach().double(), expected.detach().double()
+    diff = torch.where(a == e, 0.0, (a - e).abs())  # equal infinities (a -inf score) match
+    diff = torch.where(torch.isnan(a) & torch.isnan(e), 0.0, diff.nan_to_num(nan=float("inf")))
+    err = float(diff.max()) if diff.numel() else 0.0
     if not err <= atol:
-        where = tuple(int(i) for i in torch.nonzero((actual.double() - expected.double()).abs() > atol)[0])
+        where = tuple(int(i) for i in torch.nonzero(diff > atol)[0])
         raise AssertionError(f"{name}: max abs error {err:.3g} > {atol:.3g} (first at {where})")
 
 
@@ -213,7 +229,8 @@ def check_fast_path(actual: torch.Tensor, ref_fp32: torch.Tensor, ref_low: torch
     (the reference run on the same low-precision inputs). The tolerance is scaled by
     ``max(1, max|ref_fp32|)``: gradients such as d sigma or a bias-table sum are not unit scale.
     """
-    scale = max(1.0, float(ref_fp32.detach().abs().max())) if ref_fp32.numel() else 1.0
+    finite = ref_fp32.detach()[torch.isfinite(ref_fp32.detach())]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     if dtype == torch.float32:
         atol = (TF32_TOLERANCE if tf32 else TOLERANCE[torch.float32]) * scale
         assert_close(actual.detach().float(), ref_fp32.detach().float(), atol, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _checks
 from .._checks import positive_float
 from ..ops.windowed_attention import windowed_attention
 
@@ -24,8 +25,9 @@ class DynamicTemporalAttention(nn.Module):
         no Gaussian term                                                           (window="none")
 
     computed by :func:`kdc_kernels.windowed_attention`, then
-    ``y = LayerNorm(x + Dropout(W_o attn))``. Padded positions (``i >= lengths[b]``) never
-    influence valid positions, and their outputs are zero.
+    ``y = LayerNorm(x + Dropout(W_o attn))``. Padded positions (``i >= lengths[b]``) may hold
+    anything (NaN too): they are replaced by 0 on entry, never influence valid positions or any
+    gradient, and their outputs are zero.
 
     Args:
         dim: model width (divisible by ``num_heads``).
@@ -36,12 +38,14 @@ class DynamicTemporalAttention(nn.Module):
             head) or ``"none"``.
         sigma_min: smallest window width, in positions (> 0).
         cutoff: if set, keys with ``|i - j| > cutoff * sigma_i`` are dropped (needs a window).
-        dropout: dropout on the attention output before the residual.
+        dropout: dropout on the attention output before the residual (None: 0).
         impl: implementation of the op (None: ``KDC_IMPL`` / auto).
         rel_bias: include the relative position bias table (default True).
 
     Shapes:
-        ``forward(x [B, L, dim], lengths [B] | None) -> [B, L, dim]``.
+        ``forward(x [B, L, dim], lengths [B] | None, *, mask [B, L] | None) -> [B, L, dim]``;
+        ``lengths`` (a tensor or a list of ints) or ``mask`` (bool or 0/1, true = valid, a
+        prefix), not both.
 
     Example:
         >>> layer = DynamicTemporalAttention(384, 4)
@@ -58,7 +62,7 @@ class DynamicTemporalAttention(nn.Module):
         window: str = "adaptive",
         sigma_min: float = 1.0,
         cutoff: float | None = None,
-        dropout: float = 0.0,
+        dropout: float | None = 0.0,
         impl: str | None = None,
         *,
         rel_bias: bool = True,
@@ -77,6 +81,10 @@ class DynamicTemporalAttention(nn.Module):
         self.cutoff = positive_float("cutoff", cutoff)
         if self.cutoff is not None and window == "none":
             raise ValueError("cutoff needs a window: got window='none' with cutoff set")
+        if dropout is None:
+            dropout = 0.0
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1) or None, got {type(dropout).__name__}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
@@ -84,14 +92,15 @@ class DynamicTemporalAttention(nn.Module):
 
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(float(dropout))
         self.norm = nn.LayerNorm(dim)
         self.rel_bias = nn.Parameter(torch.zeros(num_heads, 2 * max_rel_dist + 1)) if rel_bias else None
         self.sigma_proj = nn.Linear(dim, num_heads) if window == "adaptive" else None
         self.sigma_logit = nn.Parameter(torch.zeros(num_heads)) if window == "fixed" else None
 
     def window_widths(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor | None:
-        """sigma ``[B, H, L]`` (fp32) for ``x [B, L, dim]``, or None when ``window="none"``."""
+        """sigma ``[B, H, L]`` (fp32) for ``x [B, L, dim]`` and int lengths ``[B]`` (or None), or
+        None when ``window="none"``."""
         if self.window == "none":
             return None
         B, L, _ = x.shape
@@ -106,20 +115,30 @@ class DynamicTemporalAttention(nn.Module):
             gate = torch.sigmoid(self.sigma_logit.float())[None, :, None].expand(B, -1, L)
         return self.sigma_min + span * gate
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be a tensor [B, L, dim] with dim = {self.dim}, got {got}")
         B, L, _ = x.shape
+        # One int64 [B] tensor from lengths (tensor or list) or a prefix mask; checked without a
+        # host sync (see _checks.require).
+        lengths = _checks.lengths_or_mask(lengths, mask, B, L, x, "B")
+        valid = None
+        if lengths is not None:
+            valid = (torch.arange(L, device=x.device)[None, :] < lengths[:, None])[..., None]  # [B, L, 1]
+            # Excluded means excluded: padded frames may hold garbage (NaN from an uninitialised
+            # collate buffer). Replaced here (their gradient is exactly 0), they cannot reach the
+            # window widths, the projections' weight gradients or the LayerNorm.
+            x = torch.where(valid, x, 0.0)
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         sigma = self.window_widths(x, lengths)
         attn = windowed_attention(
             q, k, v, self.rel_bias, sigma, lengths, cutoff=self.cutoff, impl=self.impl
         )  # [B, H, L, Dh]
         y = self.norm(x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(B, L, self.dim))))
-        if lengths is not None:
-            valid = torch.arange(L, device=x.device)[None, :] < lengths.to(x.device)[:, None]
-            y = y * valid[..., None].to(y.dtype)
+        if valid is not None:
+            y = torch.where(valid, y, 0.0)
         return y
 
     def extra_repr(self) -> str:

@@ -69,7 +69,7 @@ def _check_against_reference(device, dtype, case, seed=0):
     up = {n: (t.float() if n in ("q", "k", "v") else t) for n, t in args.items()}
     ref, ref_grads = _run(up, "reference", dout.float(), **kw)
     low, low_grads = (None, {}) if dtype == torch.float32 else _run(args, "reference", dout, **kw)
-    tf32 = device == "cuda"
+    tf32 = testing.tf32_enabled(device)
     testing.check_fast_path(out, ref, low, dtype=dtype, tf32=tf32, name="out")
     assert set(grads) == set(ref_grads)
     for n, grad in grads.items():
@@ -128,7 +128,7 @@ def test_only_requested_gradients(device, dtype):
         _, low = _run(args, "reference", dout, grads=grads, cutoff=2.0)
         assert set(got) == set(grads)
         for n in grads:
-            testing.check_fast_path(got[n], want[n], low[n], dtype=dtype, tf32=device == "cuda", name=f"d{n}")
+            testing.check_fast_path(got[n], want[n], low[n], dtype=dtype, tf32=testing.tf32_enabled(device), name=f"d{n}")
 
 
 @pytest.mark.parametrize("device,dtype", TARGETS)
@@ -176,9 +176,9 @@ def test_cutoff_skips_key_blocks_and_scales_linearly(device, monkeypatch):
         counts[L] = {e["kernel"]: e for e in log}
         if L == 1024:
             ref, ref_grads = _run(args, "reference", dout, cutoff=3.0)
-            testing.check_fast_path(out, ref, tf32=device == "cuda", name="out")
+            testing.check_fast_path(out, ref, tf32=testing.tf32_enabled(device), name="out")
             for n, grad in grads.items():
-                testing.check_fast_path(grad, ref_grads[n], tf32=device == "cuda", name=f"d{n}")
+                testing.check_fast_path(grad, ref_grads[n], tf32=testing.tf32_enabled(device), name=f"d{n}")
     assert set(counts[512]) == {"fwd", "bwd_q", "bwd_kv"}
     for kernel in counts[512]:
         small, big = counts[512][kernel], counts[1024][kernel]
@@ -295,7 +295,7 @@ def test_compile_fullgraph_nn_layer(device):
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref.backward(dy)
-    tf32 = device == "cuda"
+    tf32 = testing.tf32_enabled(device)
     testing.check_fast_path(y, y_ref, tf32=tf32, name="y")
     for (name, p), p_ref in zip(layer.named_parameters(), eager.parameters()):
         testing.check_fast_path(p.grad, p_ref.grad, tf32=tf32, name=f"d{name}")

@@ -34,7 +34,9 @@ def _has_nvidia_backend() -> bool:
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="Triton's NVIDIA backend (with ptxas) is not installed")
 def test_kernels_build_for_sm90():
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    # the kernels of this checkout, not of whatever kdc_kernels is installed
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
     print(run.stdout)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-6000:]
@@ -77,7 +79,8 @@ def _main() -> None:
     from kdc_kernels.ops.windowed_attention import _triton as W
 
     assert isinstance(W._window_attn_fwd_kernel, triton.runtime.JITFunction), "the interpreter is on"
-    flags = dict(HAS_BIAS=True, HAS_SIGMA=True, HAS_CUTOFF=True, HAS_LENGTHS=True, DOT_FP32=False, COUNT_VISITS=False)
+    flags = dict(HAS_BIAS=True, HAS_SIGMA=True, HAS_CUTOFF=True, HAS_LENGTHS=True, DOT_FP32=False, COUNT_VISITS=False,
+                 PRECISION="ieee")
     R, D = 32, 64
     for B, L in ((256, 32), (2, 4096)):
         t = W._fwd_tiles(B, L, D)

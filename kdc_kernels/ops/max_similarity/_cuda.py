@@ -113,6 +113,9 @@ def max_similarity_topk_unsupported(queries, clips, lengths=None, k=100, normali
 def _shape_reasons(queries, clips, query_limit: bool = True) -> list[str]:
     reasons = []
     nq, (nv, L, D) = queries.shape[0], clips.shape
+    if queries.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"the CUDA kernels take float32/float16/bfloat16 inputs, got {queries.dtype} "
+                       "(convert with .float(), or use impl='reference')")
     if query_limit and nq > MAX_QUERIES:
         reasons.append(f"the CUDA kernels support Nq <= {MAX_QUERIES} queries per call, got {nq}")
     for name, value in (("Nv", nv), ("L", L), ("D", D)):

@@ -44,10 +44,14 @@ Peak extra memory is ``O(Nq * K_PAD)`` plus one working block and the ``[Nv, L]`
 there is never an ``[Nq, Nv]`` buffer (``launch_hooks.on_alloc`` reports every buffer).
 
 Precision: fp16/bf16 tiles go to the tensor cores as they are (fp32 accumulation); fp32 inputs
-use IEEE fp32 dots, or TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set (then expect
-errors up to about 1e-3). The backward one-hot GEMM splits its fp32 weights into two TF32 parts
-for fp16/bf16 inputs, so the gradients stay fp32-accurate. Under ``TRITON_INTERPRET=1`` every
-dot runs in fp32.
+use IEEE fp32 dots unless TF32 is allowed the torch way (``_config.fp32_dot_precision``: then
+expect errors up to about 1e-3). The backward one-hot GEMM splits its fp32 weights into two TF32
+parts for fp16/bf16 inputs, so the gradients stay fp32-accurate. Under ``TRITON_INTERPRET=1``
+every dot runs in fp32.
+
+Excluded positions: padded clips (``l >= lengths[v]``, any value, NaN included) score ``-inf``
+before the max; a video of length 0 scores ``-inf`` with index 0 and gets no gradient (the
+backward skips ``-inf`` scores), and a clip that no score chose gets exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -193,11 +197,13 @@ def _max_sim_bwd_dq_kernel(
     proj = tl.zeros((BLOCK_Q,), tl.float32)
     for v0 in range(0, Nv, BLOCK_V):
         ok = n_ok[:, None] & (vv < Nv - v0)[None, :]
+        s = tl.load(score_ptr + nv_ptrs, mask=ok, other=0.0)
+        ok = ok & (s != float("-inf"))  # a video of length 0 has no clip: no gradient
         l = tl.load(index_ptr + nv_ptrs, mask=ok, other=0).to(tl.int32)
         g = tl.load(g_ptrs, mask=ok, other=0.0)
         w = g
         if NORMALIZE:
-            proj += tl.sum(g * tl.load(score_ptr + nv_ptrs, mask=ok, other=0.0), axis=1)
+            proj += tl.sum(g * tl.where(ok, s, 0.0), axis=1)
             c_norm = tl.load(cn_base + vv[None, :] * s_nv + l, mask=ok, other=1.0)
             w = g * (1.0 / tl.maximum(c_norm, _EPS))
         row = vv[None, :] * s_cv + l * s_cl
@@ -259,13 +265,16 @@ def _max_sim_bwd_dc_kernel(
     q_ptrs = q_ptr + nn[:, None] * s_qn + (d0 + dd)[None, :] * s_qd
     acc = tl.zeros((BLOCK_ROWS, BLOCK_D), tl.float32)
     proj = tl.zeros((BLOCK_ROWS,), tl.float32)
+    hits = tl.zeros((BLOCK_ROWS,), tl.int32)
     for n0 in range(0, Nq, BLOCK_N):
         n_ok = nn < Nq - n0
         idx = tl.load(index_ptr + nv_ptrs, mask=row_ok[:, None] & n_ok[None, :], other=-1)
         hit = idx == l[:, None]
         w = tl.load(g_ptrs, mask=hit, other=0.0)
+        # weights of -inf scores (a video of length 0, whose index 0 is padding) are 0 (launcher)
+        hits += tl.sum((w != 0.0).to(tl.int32), axis=1)
         if NORMALIZE:
-            proj += tl.sum(w * tl.load(score_ptr + nv_ptrs, mask=hit, other=0.0), axis=1)
+            proj += tl.sum(tl.where(w != 0.0, w * tl.load(score_ptr + nv_ptrs, mask=hit, other=0.0), 0.0), axis=1)
             w = w * (1.0 / tl.maximum(tl.load(qn_ptr + n0 + nn, mask=n_ok, other=1.0), _EPS))[None, :]
         qt = tl.load(q_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         if SPLIT_W:
@@ -285,7 +294,9 @@ def _max_sim_bwd_dc_kernel(
         ct = tl.load(c_ptr + v064 * s_cv + (vv * s_cv + l * s_cl)[:, None] + (d0 + dd)[None, :] * s_cd,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         proj = tl.where(c_norm > _EPS, c_scale * proj, 0.0)
-        acc = c_scale[:, None] * (acc - proj[:, None] * ct)
+        # a clip no score chose with a nonzero weight (padding included, which may hold NaN) gets
+        # exactly 0 (and would get 0 anyway when its clip is finite)
+        acc = tl.where(hits[:, None] > 0, c_scale[:, None] * (acc - proj[:, None] * ct), 0.0)
     out = dc_ptr + v064 * s_dv + (vv * s_dv + l * s_dl)[:, None] + (d0 + dd)[None, :] * s_dd
     tl.store(out, acc.to(dc_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -483,11 +494,12 @@ def _norms(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _dot_mode(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """(cast tiles to fp32 before ``tl.dot``, ``input_precision`` of fp32 dots)."""
+    """(cast tiles to fp32 before ``tl.dot``, ``input_precision`` of fp32 dots: the package's
+    one rule, ``_config.fp32_dot_precision``)."""
     if device.type == "cpu":  # the interpreter: fp32 math throughout (its bf16 arithmetic is wrong)
         return True, "ieee"
     if dtype == torch.float32:
-        return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return True, _config.fp32_dot_precision(device.type)
     return False, "ieee"  # fp16/bf16 tiles go to the tensor cores as they are
 
 
@@ -802,6 +814,8 @@ def _fwd_setup_context(ctx, inputs, output):
 def _fwd_backward(ctx, grad_score, _grad_index):
     queries, clips, score, index = ctx.saved_tensors
     need_dq, need_dc = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    # a -inf score (a video of length 0) passes no gradient: its index points at padding
+    grad_score = grad_score.masked_fill(score == float("-inf"), 0.0)
     dq, dc = max_similarity_bwd_op(grad_score, queries, clips, score, index, ctx.normalize, need_dq, need_dc)
     return (dq if need_dq else None), (dc if need_dc else None), None, None
 
@@ -819,7 +833,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _common_reasons(queries: torch.Tensor, clips: torch.Tensor) -> list[str]:
     """Shape/dtype reasons only (the case may live on the meta device)."""
     if queries.dtype not in _DTYPES:
-        return [f"the Triton kernels take float32/float16/bfloat16 inputs, got {queries.dtype}"]
+        return [f"the Triton kernels take float32/float16/bfloat16 inputs, got {queries.dtype} "
+                "(convert with .float(), or use impl='reference')"]
     (nv, L, d), reasons = clips.shape, []
     if _tile_span((nv, L, d), (L * d, d, 1), _clip_tile(L, d)) >= _INT32_LIMIT:
         reasons.append(f"a tile of clips would span 2^31 elements or more (L = {L}, D = {d})")

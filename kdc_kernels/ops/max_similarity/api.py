@@ -10,9 +10,9 @@ from ... import _backend, _checks
 from .reference import max_similarity_ref, max_similarity_topk_ref
 
 
-def _validate(queries, clips, lengths) -> dict:
-    _checks.tensor("queries", queries, "[Nq, D]")
-    _checks.tensor("clips", clips, "[Nv, L, D]")
+def _validate(queries, clips, lengths, mask=None) -> dict:
+    _checks.tensor("queries", queries, "[Nq, D]", _checks.OP_DTYPES, ("Nq",))
+    _checks.tensor("clips", clips, "[Nv, L, D]", _checks.OP_DTYPES, ("Nv",))
     _checks.same_device("clips", clips, "queries", queries)
     _checks.same_dtype("clips", clips, "queries", queries)
     if clips.shape[2] != queries.shape[1]:
@@ -20,8 +20,19 @@ def _validate(queries, clips, lengths) -> dict:
             f"clips must have the embedding size D of queries ({queries.shape[1]}) in [Nv, L, D], "
             f"got clips of shape {tuple(clips.shape)}"
         )
-    lengths = _checks.lengths("lengths", lengths, clips.shape[0], clips.shape[1], queries, "Nv")
+    lengths = _checks.lengths_or_mask(lengths, mask, clips.shape[0], clips.shape[1], queries, "Nv")
     return dict(queries=queries, clips=clips, lengths=lengths)
+
+
+def _dispatch(op_name: str, impl, case: dict, reference):
+    queries, clips = case["queries"], case["clips"]
+    if queries.shape[0] == 0 or clips.shape[0] == 0:
+        # torch's convention: empty in, empty out. The requested impl must still be able to run
+        # here; the reference then builds the (autograd-connected) empty result.
+        device = queries.device
+        _backend.resolve(op_name, impl, device, lambda name: _backend.why_not(op_name, __package__, name, device, case))
+        impl = "reference"
+    return _backend.dispatch(op_name, __package__, impl, queries.device, case, reference)
 
 
 def _bool(name: str, value) -> bool:
@@ -37,6 +48,7 @@ def max_similarity(
     *,
     normalize: bool = True,
     return_index: bool = False,
+    mask: torch.Tensor | None = None,
     impl: str | None = None,
 ):
     r"""Clip-level max-similarity: the best-matching clip of every video for every query.
@@ -47,18 +59,23 @@ def max_similarity(
         index[n, v] = the lowest l attaining it
 
     Args:
-        queries: ``[Nq, D]``, fp32 / fp16 / bf16.
-        clips: ``[Nv, L, D]``, same dtype and device as queries.
-        lengths: ``[Nv]`` integers in ``[1, L]`` (valid clips of each video), or None (all L).
+        queries: ``[Nq, D]``, fp32 / fp16 / bf16 (fp64: reference only). ``Nq`` may be 0.
+        clips: ``[Nv, L, D]``, same dtype and device as queries. ``Nv`` may be 0.
+        lengths: ``[Nv]`` integers in ``[0, L]`` (valid clips of each video; a list of ints works
+            too), or None (all L). A video of length 0 scores ``-inf`` with index 0 and gets no
+            gradient.
         normalize: L2-normalise queries and clips first (``x / max(|x|, 1e-12)``).
         return_index: also return the argmax clip of each (query, video).
+        mask: instead of ``lengths``: ``[Nv, L]`` bool or 0/1 (true = valid), a prefix per video,
+            as PRVR codebases pass ``video_mask``. Not both.
         impl: ``None`` (= ``KDC_IMPL``, default ``"auto"``), ``"auto"``, ``"reference"``,
             ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``score`` float32 ``[Nq, Nv]``, or ``(score, index)`` with index int64 ``[Nq, Nv]``.
         The gradient of ``score[n, v]`` flows only to ``queries[n]`` and ``clips[v, index[n, v]]``.
-        NaN in the inputs gives undefined scores and indices (not checked).
+        Padded clips may hold anything (NaN too) and never change a score, an index or a
+        gradient; NaN in a valid clip or a query gives undefined scores (not checked).
 
     Example:
         >>> q, c = torch.randn(10, 64), torch.randn(4, 32, 64)
@@ -66,9 +83,9 @@ def max_similarity(
         >>> score.shape, index.dtype
         (torch.Size([10, 4]), torch.int64)
     """
-    case = _validate(queries, clips, lengths)
+    case = _validate(queries, clips, lengths, mask)
     case.update(normalize=_bool("normalize", normalize), return_index=_bool("return_index", return_index))
-    return _backend.dispatch("max_similarity", __package__, impl, queries.device, case, max_similarity_ref)
+    return _dispatch("max_similarity", impl, case, max_similarity_ref)
 
 
 def max_similarity_topk(
@@ -78,6 +95,7 @@ def max_similarity_topk(
     k: int = 100,
     *,
     normalize: bool = True,
+    mask: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Corpus-scale retrieval: the k best videos of every query by clip-level max-similarity.
@@ -88,7 +106,9 @@ def max_similarity_topk(
     fast paths).
 
     Args:
-        queries: ``[Nq, D]``; clips: ``[Nv, L, D]``; lengths: ``[Nv]`` or None; as in max_similarity.
+        queries: ``[Nq, D]``; clips: ``[Nv, L, D]``; lengths: ``[Nv]`` or None (or ``mask``
+            ``[Nv, L]``); as in max_similarity. A video of length 0 scores ``-inf``: it ranks
+            after every video with a finite score.
         k: number of videos to return, ``1 <= k <= Nv``.
         normalize: L2-normalise queries and clips first.
         impl: as in :func:`max_similarity`.
@@ -102,11 +122,11 @@ def max_similarity_topk(
         >>> videos.shape
         torch.Size([10, 5])
     """
-    case = _validate(queries, clips, lengths)
+    case = _validate(queries, clips, lengths, mask)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     nv = clips.shape[0]
     if not 1 <= int(k) <= nv:
         raise ValueError(f"k must lie in [1, Nv] = [1, {nv}], got {k}")
     case.update(k=int(k), normalize=_bool("normalize", normalize))
-    return _backend.dispatch("max_similarity_topk", __package__, impl, queries.device, case, max_similarity_topk_ref)
+    return _dispatch("max_similarity_topk", impl, case, max_similarity_topk_ref)

@@ -51,7 +51,7 @@ def _block_elems() -> int:
 def _chunk_sizes(nq: int, nv: int, L: int) -> tuple[int, int]:
     """Query and video chunk sizes whose [cq, cv, L] block holds about _block_elems() values."""
     elems = _block_elems()
-    cv = max(1, min(nv, elems // (L * min(nq, 256))))
+    cv = max(1, min(nv, elems // (L * max(1, min(nq, 256)))))
     cq = max(1, min(nq, elems // (L * cv)))
     return cq, cv
 
@@ -112,7 +112,7 @@ def max_similarity_ref(
     Args:
         queries: ``[Nq, D]``.
         clips: ``[Nv, L, D]``.
-        lengths: ``[Nv]`` integers in ``[1, L]`` or None.
+        lengths: ``[Nv]`` integers in ``[0, L]`` or None (a video of length 0 scores -inf, index 0).
         normalize: L2-normalise queries and clips first.
         return_index: also return the argmax clip index.
 
@@ -128,16 +128,23 @@ def max_similarity_ref(
         score, index = _max_and_index(_prepare(queries, normalize), _prepare(clips, normalize), lengths)
     if torch.is_grad_enabled() and (queries.requires_grad or clips.requires_grad):
         # Re-score the winning clip with autograd: the gradient reaches only q_n and c_{v, l*}.
+        # Padded clips may hold anything (NaN too): they are replaced first (torch.where, so
+        # their gradient is exactly 0), and a video of length 0 keeps its -inf score and sends
+        # no gradient to the padded clip 0 its index points at.
+        if lengths is not None:
+            valid = torch.arange(clips.shape[1], device=clips.device)[None] < lengths[:, None]
+            clips = torch.where(valid[..., None], clips, 0.0)
         qn, cn = _prepare(queries, normalize), _prepare(clips, normalize)
         nv = cn.shape[0]
         video = torch.arange(nv, device=cn.device)
         rows = []
         cq = max(1, _block_elems() // max(1, nv * cn.shape[-1]))
-        for q0 in range(0, qn.shape[0], cq):
+        for q0 in range(0, max(1, qn.shape[0]), cq):  # at least one (maybe empty) block
             q1 = min(qn.shape[0], q0 + cq)
             chosen = cn[video[None, :], index[q0:q1]]  # [cq, Nv, D]
             rows.append(torch.einsum("nd,nvd->nv", qn[q0:q1], chosen))
-        score = torch.cat(rows, dim=0)
+        rescored = torch.cat(rows, dim=0)
+        score = rescored if lengths is None else torch.where(lengths[None, :] > 0, rescored, score)
     return (score, index) if return_index else score
 
 
@@ -173,7 +180,8 @@ def max_similarity_topk_ref(
         for v0 in range(0, nv, cv):
             v1 = min(nv, v0 + cv)
             block_valid = None if valid is None else valid[v0:v1]
-            block = torch.cat([_block_max(qn[q0 : q0 + cq], cn[v0:v1], block_valid)[0] for q0 in range(0, nq, cq)])
+            block = torch.cat([_block_max(qn[q0 : q0 + cq], cn[v0:v1], block_valid)[0]
+                               for q0 in range(0, max(1, nq), cq)])
             ids = torch.arange(v0, v1, device=qn.device).expand(nq, -1)
             best_s, best_i = merge_topk(best_s, best_i, block, ids, k)
     return best_s, best_i

@@ -92,6 +92,9 @@ def windowed_attention_unsupported(q, k, v, rel_bias=None, sigma=None, lengths=N
     """Every reason the CUDA kernels cannot run this case (shapes and dtypes only)."""
     reasons = []
     B, H, L, D = q.shape
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"the CUDA kernels take float32/float16/bfloat16 inputs, got {q.dtype} "
+                       "(convert with .float(), or use impl='reference')")
     if D > MAX_HEAD_DIM:
         reasons.append(f"the CUDA kernels support a head dimension D <= {MAX_HEAD_DIM}, got D = {D}")
     if B * H * L >= 2**31:

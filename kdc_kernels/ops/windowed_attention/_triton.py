@@ -34,8 +34,13 @@ How the work is laid out:
   second pass (a fixed-order ``torch.sum``) reduces the partials. Nothing uses atomics, so the
   gradients are bitwise reproducible run to run; ``KDC_DETERMINISTIC=1`` additionally pins the
   launch configuration (no autotuning), so they are reproducible across processes too.
-* Dots take the inputs' dtype on the GPU (tensor cores; fp32 uses TF32) with fp32 accumulation;
-  under the CPU interpreter every tile is converted to fp32 first (its bf16 arithmetic is wrong).
+* Dots take the inputs' dtype on the GPU (tensor cores) with fp32 accumulation; fp32 inputs use
+  IEEE fp32 dots unless TF32 is allowed the torch way (``_config.fp32_dot_precision``). Under the
+  CPU interpreter every tile is converted to fp32 first (its bf16 arithmetic is wrong).
+* Excluded means excluded: padded query rows and keys are never read (masked loads); a key
+  whose k or v holds NaN/inf inside the length is zeroed, and a NaN added to its logits poisons
+  exactly the rows whose window holds it (output NaN, lse +inf: P = 0 and Delta = 0 in the
+  backward), so a NaN/inf in a position a row excludes never reaches that row.
 """
 
 from __future__ import annotations
@@ -128,32 +133,52 @@ def _query_tile(Q, SIGMA, LENGTHS, m0, b0, h, B, L, D, sq_b, sq_h, sq_l, sq_d, s
     s_i, i, b_i = _slots(m0, b0, G, BM)
     n_i = _lengths(b_i, B, L, LENGTHS, HAS_LENGTHS)
     row_in = (i < L) & (b_i < B)
-    q = _load_rows(Q, _offsets(b_i, h, i, sq_b, sq_h, sq_l), row_in, dd, sq_d, D, DOT_FP32)
+    row_ok = i < n_i
+    # Padded rows are never read (they may hold anything, NaN included).
+    q = _load_rows(Q, _offsets(b_i, h, i, sq_b, sq_h, sq_l), row_ok, dd, sq_d, D, DOT_FP32)
     if HAS_SIGMA:
-        sig = tl.load(SIGMA + _offsets(b_i, h, i, ss_b, ss_h, ss_l), mask=row_in, other=1.0).to(tl.float32)
+        sig = tl.load(SIGMA + _offsets(b_i, h, i, ss_b, ss_h, ss_l), mask=row_ok, other=1.0).to(tl.float32)
     else:
         sig = tl.full([G * BM], 1.0, tl.float32)
-    return s_i, i, b_i, n_i, row_in, i < n_i, q, sig, 0.5 / (sig * sig) * LOG2E, cutoff * sig
+    return s_i, i, b_i, n_i, row_in, row_ok, q, sig, 0.5 / (sig * sig) * LOG2E, cutoff * sig
 
 
 @_helper
-def _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, dd,
-              G: tl.constexpr, BN: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Key columns of a tile: slots, positions, batch rows, which exist, k and v."""
+def _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d, dd,
+              HAS_LENGTHS: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, DOT_FP32: tl.constexpr,
+              FLAG: tl.constexpr):
+    """Key columns of a tile: slots, positions, batch rows, which exist, k and v with every
+    non-finite element zeroed, and (FLAG) per key 0, or NaN when its k or v held a non-finite
+    value (then its whole k and v rows are zeroed).
+
+    Excluded means excluded: padded keys are never read, and a NaN/inf inside the length is
+    zeroed so that 0 * NaN cannot reach a row whose window excludes the key (an excluded key has
+    weight exactly 0 in every dot). The forward adds the NaN flag to the logits of the rows whose
+    window holds the key, which poisons exactly those rows; the backward needs no flag (poisoned
+    rows have lse = +inf, so P = 0 there) and zeroes element-wise, without a row reduction."""
     s_j, j, b_j = _slots(n0, b0, G, BN)
     col_in = (j < L) & (b_j < B)
-    k = _load_rows(K, _offsets(b_j, h, j, sk_b, sk_h, sk_l), col_in, dd, sk_d, D, DOT_FP32)
-    v = _load_rows(V, _offsets(b_j, h, j, sv_b, sv_h, sv_l), col_in, dd, sv_d, D, DOT_FP32)
-    return s_j, j, b_j, col_in, k, v
+    col_ok = j < _lengths(b_j, B, L, LENGTHS, HAS_LENGTHS)
+    k = _load_rows(K, _offsets(b_j, h, j, sk_b, sk_h, sk_l), col_ok, dd, sk_d, D, DOT_FP32)
+    v = _load_rows(V, _offsets(b_j, h, j, sv_b, sv_h, sv_l), col_ok, dd, sv_d, D, DOT_FP32)
+    if FLAG:  # x * 0 is 0 for finite x and NaN for NaN/inf: one row sum flags a key
+        flag = tl.sum(k.to(tl.float32) * 0.0, 1) + tl.sum(v.to(tl.float32) * 0.0, 1)
+        bad = (flag != flag)[:, None]
+        return s_j, j, b_j, col_in, tl.where(bad, 0.0, k).to(k.dtype), tl.where(bad, 0.0, v).to(v.dtype), flag
+    k = tl.where(k * 0.0 == 0.0, k, 0.0).to(k.dtype)
+    v = tl.where(v * 0.0 == 0.0, v, 0.0).to(v.dtype)
+    return s_j, j, b_j, col_in, k, v, tl.zeros([G * BN], tl.float32)  # unused
 
 
 @_helper
-def _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-            HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, G: tl.constexpr):
+def _logits(q, k, flag, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+            HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, G: tl.constexpr,
+            PRECISION: tl.constexpr):
     """Logits of a tile in log2 units, -inf where the key is excluded (other sequence, padding,
     cutoff), and j - i (fp32: positions are exact, and float index math is as cheap as int32 on
-    the GPU and much cheaper in the interpreter)."""
-    x = tl.dot(q, tl.trans(k)) * qk_scale
+    the GPU and much cheaper in the interpreter). ``flag`` (0, or NaN for a key that held a
+    non-finite value) is added before the mask: it poisons the included entries only."""
+    x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + flag
     d = j.to(tl.float32)[None, :] - i.to(tl.float32)[:, None]
     ok = (i[:, None] < n_i[:, None]) & (j[None, :] < n_i[:, None])
     if G > 1:
@@ -170,10 +195,18 @@ def _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r,
 
 
 @_helper
-def _softmax_grad(x, lse, do, v, delta):
-    """P = exp2(x - lse) (0 where masked) and dS = P * (dO V^T - Delta), both fp32."""
+def _softmax_grad(x, lse, do, v, delta, PRECISION: tl.constexpr):
+    """P = exp2(x - lse) (0 where masked, and in poisoned rows, whose lse is +inf) and
+    dS = P * (dO V^T - Delta), both fp32."""
     p = tl.exp2(x - lse[:, None])
-    return p, p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return p, p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+
+
+@_helper
+def _dsigma(t, sig):
+    """d sigma = t / sigma^3 with t = sum_j dS (i - j)^2. t is exactly 0 when sigma is so small
+    that sigma^3 underflows (every off-diagonal weight is 0 then), so any sigma > 0 is finite."""
+    return tl.where(t == 0.0, 0.0, t / (sig * sig * sig))
 
 
 @_helper
@@ -233,9 +266,10 @@ def _window_attn_fwd_kernel(
     B, H, L, D, R, qk_scale, cutoff,
     HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
-    """One query block of G sequences: out and the log-sum-exp (log2 units)."""
+    """One query block of G sequences: out and the log-sum-exp (log2 units). A row whose window
+    holds a non-finite key or value outputs NaN and gets lse = +inf (its backward is then 0)."""
     pid_m = tl.program_id(1)
     gid, h, b0 = _group(B, G)
     m0 = pid_m * BM
@@ -250,25 +284,29 @@ def _window_attn_fwd_kernel(
     acc = tl.zeros([G * BM, BLOCK_D], tl.float32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        s_j, j, b_j, col_in, k, v = _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
-                                              sv_b, sv_h, sv_l, sv_d, dd, G, BN, DOT_FP32)
-        x, _ = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G)
+        s_j, j, b_j, col_in, k, v, flag = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                                    sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32, True)
+        x, _d = _logits(q, k, flag[None, :], qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+                        HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
         m_new = tl.maximum(m_run, tl.max(x, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
         p = tl.exp2(x - m_safe[:, None])
         alpha = tl.exp2(m_run - m_safe)
         l_run = l_run * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_run = m_new
         if COUNT_VISITS:
             visits += 1
 
+    poisoned = l_run != l_run  # a key in the row's window held NaN/inf
     l_safe = tl.where(l_run > 0.0, l_run, 1.0)
+    out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     _store_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
-                tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0))
-    # 0 for padded rows (and for a row with no key, which valid inputs never produce): finite.
+                tl.where(poisoned[:, None], float("nan"), out))
+    # 0 for padded rows (and for a row with no key, which valid inputs never produce): finite;
+    # +inf for poisoned rows, so that the backward's P = exp2(x - lse) is 0 there.
     lse = tl.where(row_ok & (l_run > 0.0), m_run + tl.log2(l_safe), 0.0)
+    lse = tl.where(poisoned, float("inf"), lse)
     tl.store(LSE + _offsets(b_i, h, i, H * L, L, 1), lse, mask=row_in)
     if COUNT_VISITS:
         tl.store(VISITS + gid * tl.num_programs(1) + pid_m, visits)
@@ -283,7 +321,7 @@ def _window_attn_bwd_q_kernel(
     HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     NEED_BIAS: tl.constexpr, NEED_SIGMA: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
-    NBP: tl.constexpr, DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    NBP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     """One query block (long sequences): Delta, dq, d sigma and this program's bias partials."""
     pid_m = tl.program_id(1)
@@ -296,6 +334,7 @@ def _window_attn_bwd_q_kernel(
     do = _load_rows(DOUT, _offsets(b_i, h, i, sdo_b, sdo_h, sdo_l), row_ok, dd, sdo_d, D, DOT_FP32)
     o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, 1, D, DOT_FP32)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    delta = tl.where(delta == delta, delta, 0.0)  # NaN (a poisoned row's output): P = 0 there, keep dS 0
     stat_rows = _offsets(b_i, h, i, H * L, L, 1)
     tl.store(DELTA + stat_rows, delta, mask=row_in)
     lse = tl.load(LSE + stat_rows, mask=row_in, other=0.0)
@@ -306,12 +345,12 @@ def _window_attn_bwd_q_kernel(
     bias_acc = tl.zeros([NBP], tl.float32)
     visits = pid_m * 0
     for n0 in range(lo, hi, BN):
-        s_j, j, b_j, col_in, k, v = _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
-                                              sv_b, sv_h, sv_l, sv_d, dd, G, BN, DOT_FP32)
-        x, d = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G)
-        p, ds = _softmax_grad(x, lse, do, v, delta)
-        dq += tl.dot(ds.to(k.dtype), k)
+        s_j, j, b_j, col_in, k, v, _flag = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                                     sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32, False)
+        x, d = _logits(q, k, 0.0, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
+        p, ds = _softmax_grad(x, lse, do, v, delta, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         if NEED_SIGMA:
             dsig += tl.sum(ds * d * d, 1)
         if NEED_BIAS:
@@ -322,7 +361,7 @@ def _window_attn_bwd_q_kernel(
     _store_rows(DQ, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
                 tl.where(row_ok[:, None], dq * scale, 0.0))
     if NEED_SIGMA:
-        tl.store(DSIGMA + stat_rows, tl.where(row_ok, dsig / (sig * sig * sig), 0.0).to(DSIGMA.dtype.element_ty),
+        tl.store(DSIGMA + stat_rows, tl.where(row_ok, _dsigma(dsig, sig), 0.0).to(DSIGMA.dtype.element_ty),
                  mask=row_in)
     pid = gid * tl.num_programs(1) + pid_m
     if NEED_BIAS:
@@ -340,7 +379,7 @@ def _window_attn_bwd_kv_kernel(
     HAS_BIAS: tl.constexpr, HAS_SIGMA: tl.constexpr, HAS_CUTOFF: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     NEED_BIAS: tl.constexpr, NEED_SIGMA: tl.constexpr, FUSED: tl.constexpr,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_D: tl.constexpr, NC: tl.constexpr,
-    NBP: tl.constexpr, DOT_FP32: tl.constexpr, COUNT_VISITS: tl.constexpr,
+    NBP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, COUNT_VISITS: tl.constexpr,
 ):
     """One key block: dk, dv. FUSED (the key block is each whole sequence): also Delta, dq,
     d sigma and the bias partials of every query block, which this program then owns alone."""
@@ -348,8 +387,8 @@ def _window_attn_bwd_kv_kernel(
     gid, h, b0 = _group(B, G)
     n0 = pid_n * BN
     dd = tl.arange(0, BLOCK_D)
-    s_j, j, b_j, col_in, k, v = _key_tile(K, V, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
-                                          sv_b, sv_h, sv_l, sv_d, dd, G, BN, DOT_FP32)
+    s_j, j, b_j, col_in, k, v, _flag = _key_tile(K, V, LENGTHS, n0, b0, h, B, L, D, sk_b, sk_h, sk_l, sk_d,
+                                                 sv_b, sv_h, sv_l, sv_d, dd, HAS_LENGTHS, G, BN, DOT_FP32, False)
     n_j = _lengths(b_j, B, L, LENGTHS, HAS_LENGTHS)
     maxlen = tl.max(n_j, 0)
     # Query rows that can see this key block: within cutoff * (widest sigma of the sequence).
@@ -373,18 +412,19 @@ def _window_attn_bwd_kv_kernel(
         if FUSED:
             o = _load_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, 1, D, DOT_FP32)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+            delta = tl.where(delta == delta, delta, 0.0)  # NaN (a poisoned row's output): P = 0 there
         else:
             delta = tl.load(DELTA + stat_rows, mask=row_in, other=0.0)
-        x, d = _logits(q, k, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
-                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G)
-        p, ds = _softmax_grad(x, lse, do, v, delta)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        x, d = _logits(q, k, 0.0, qk_scale, i, j, s_i, s_j, n_i, coef, win, h, BIAS, sb_h, sb_r, R,
+                       HAS_BIAS, HAS_SIGMA, HAS_CUTOFF, G, PRECISION)
+        p, ds = _softmax_grad(x, lse, do, v, delta, PRECISION)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
         if FUSED:
             _store_rows(DQ, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,
-                        tl.where(row_ok[:, None], tl.dot(ds.to(k.dtype), k) * scale, 0.0))
+                        tl.where(row_ok[:, None], tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale, 0.0))
             if NEED_SIGMA:
-                dsig = tl.sum(ds * d * d, 1) / (sig * sig * sig)
+                dsig = _dsigma(tl.sum(ds * d * d, 1), sig)
                 tl.store(DSIGMA + stat_rows, tl.where(row_ok, dsig, 0.0).to(DSIGMA.dtype.element_ty), mask=row_in)
             if NEED_BIAS:
                 bias_acc = _diag_bins(bias_acc, ds, d, n0 - m0, RB, G, BM, BN, NC, NBP)
@@ -475,6 +515,12 @@ def _dot_fp32() -> bool:
     return _config.triton_interpret() and not _NATIVE_DOTS
 
 
+def _precision(q: torch.Tensor) -> str:
+    """``input_precision`` of the dots: fp32 inputs follow the package's TF32 rule
+    (``_config.fp32_dot_precision``); fp16/bf16 tiles use the tensor cores as they are."""
+    return _config.fp32_dot_precision(q.device.type) if q.dtype == torch.float32 else "ieee"
+
+
 def _new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     x = torch.empty(shape, dtype=dtype, device=device)
     return testing.poison_(x) if _POISON_OUTPUTS else x
@@ -534,7 +580,7 @@ def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Op
             *qkv_strides, *table_strides, B, H, L, D, R, scale * math.log2(math.e), cutoff or 0.0]
     meta = dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
                 HAS_LENGTHS=lengths is not None, G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D),
-                DOT_FP32=_dot_fp32(), COUNT_VISITS=visits is not None)
+                DOT_FP32=_dot_fp32(), PRECISION=_precision(q), COUNT_VISITS=visits is not None)
     _launch(_window_attn_fwd_kernel, grid, args, meta, t)
     _log_visits("fwd", visits, grid[0] * grid[1] * triton.cdiv(L, t.BN))
     return out, lse
@@ -569,6 +615,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         return dict(HAS_BIAS=rel_bias is not None, HAS_SIGMA=sigma is not None, HAS_CUTOFF=cutoff is not None,
                     HAS_LENGTHS=lengths is not None, NEED_BIAS=need_bias, NEED_SIGMA=need_sigma,
                     G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP, DOT_FP32=_dot_fp32(),
+                    PRECISION=_precision(q),
                     NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))), **extra)
 
     grid_kv = (H * triton.cdiv(B, tkv.G), triton.cdiv(L, tkv.BN))
@@ -679,6 +726,9 @@ def windowed_attention_unsupported(q, k, v, rel_bias=None, sigma=None, lengths=N
     """Why these kernels cannot run this case (shapes/dtypes only; empty when they can)."""
     reasons = []
     B, H, L, D = q.shape
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"the Triton kernels take float32/float16/bfloat16 inputs, got {q.dtype} "
+                       "(convert with .float(), or use impl='reference')")
     if D > MAX_HEAD_DIM:
         reasons.append(f"head dim D = {D} is larger than the {MAX_HEAD_DIM} the Triton kernels support")
     if rel_bias is not None and rel_bias.requires_grad and torch.is_grad_enabled():

@@ -12,35 +12,30 @@ from .reference import windowed_attention_ref
 OP_NAME = "windowed_attention"
 
 
-def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff) -> dict:
+def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask=None) -> dict:
     layout = "[B, H, L, D]"
-    _checks.tensor("q", q, layout)
+    empty_ok = ("B", "H")
+    _checks.tensor("q", q, layout, _checks.OP_DTYPES, empty_ok)
     B, H, L, D = q.shape
     for name, x in (("k", k), ("v", v)):
-        _checks.tensor(name, x, layout)
+        _checks.tensor(name, x, layout, _checks.OP_DTYPES, empty_ok)
         _checks.same_device(name, x, "q", q)
         _checks.same_dtype(name, x, "q", q)
         _checks.shape(name, x, (B, H, L, D), layout)
     if rel_bias is not None:
-        _checks.tensor("rel_bias", rel_bias, "[H, 2R+1]")
+        _checks.tensor("rel_bias", rel_bias, "[H, 2R+1]", _checks.OP_DTYPES, ("H",))
         _checks.same_device("rel_bias", rel_bias, "q", q)
         if rel_bias.shape[0] != H or rel_bias.shape[1] % 2 != 1:
             raise ValueError(
                 f"rel_bias must have shape [H, 2R+1] with H = {H} and an odd number of columns, "
                 f"got {tuple(rel_bias.shape)}"
             )
+    lengths = _checks.lengths_or_mask(lengths, mask, B, L, q, "B")
     if sigma is not None:
-        _checks.tensor("sigma", sigma, "[B, H, L]")
+        _checks.tensor("sigma", sigma, "[B, H, L]", _checks.OP_DTYPES, empty_ok)
         _checks.same_device("sigma", sigma, "q", q)
         _checks.shape("sigma", sigma, (B, H, L), "[B, H, L]")
-        if _checks.value_checks_enabled():
-            bad = ~(torch.isfinite(sigma) & (sigma > 0))
-            if bool(bad.any()):
-                first = tuple(int(i) for i in bad.nonzero()[0])
-                raise ValueError(
-                    f"sigma must be finite and > 0 everywhere, got {float(sigma[first])} at index {first}"
-                )
-    lengths = _checks.lengths("lengths", lengths, B, L, q, "B")
+        _check_sigma(sigma, lengths)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
@@ -53,6 +48,24 @@ def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff) -> dict:
     return dict(q=q, k=k, v=v, rel_bias=rel_bias, sigma=sigma, lengths=lengths, scale=scale, cutoff=cutoff)
 
 
+def _check_sigma(sigma: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    """sigma must be finite and > 0 on valid query rows; padded rows may hold anything."""
+    ok = torch.isfinite(sigma) & (sigma > 0)
+    if lengths is not None:
+        L = sigma.shape[-1]
+        ok = ok | (torch.arange(L, device=sigma.device) >= lengths[:, None])[:, None, :]
+
+    def explain():
+        at = _checks.first_false(ok)
+        return f"sigma must be finite and > 0 on every valid query row, got {float(sigma[at])} at index {at}"
+
+    _checks.require(ok, "sigma must be finite and > 0 on every valid query row", explain, _checks.value_mode(sigma))
+
+
+def _is_empty(q: torch.Tensor) -> bool:
+    return q.numel() == 0
+
+
 def windowed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,6 +76,7 @@ def windowed_attention(
     *,
     scale: float | None = None,
     cutoff: float | None = None,
+    mask: torch.Tensor | None = None,
     impl: str | None = None,
 ) -> torch.Tensor:
     r"""Dynamic temporal windowed attention with a relative position bias table.
@@ -75,22 +89,32 @@ def windowed_attention(
         out[i] = softmax_j(logit[i, :]) @ v   (i < lengths[b]),   0 for padded rows
 
     Args:
-        q, k, v: ``[B, H, L, D]``, fp32 / fp16 / bf16, same dtype and device, any strides.
+        q, k, v: ``[B, H, L, D]``, fp32 / fp16 / bf16 (fp64: reference only), same dtype and
+            device, any strides. ``B`` or ``H`` may be 0 (empty output).
         rel_bias: ``[H, 2R+1]`` float relative position bias table, or None.
-        sigma: ``[B, H, L]`` float > 0, per-query Gaussian window width (in positions), or None.
-        lengths: ``[B]`` integers in ``[1, L]`` (valid prefix of each sequence), or None (all L).
+        sigma: ``[B, H, L]`` float, finite and > 0 on valid rows (any tiny value works), the
+            per-query Gaussian window width in positions, or None.
+        lengths: ``[B]`` integers in ``[0, L]`` (valid prefix of each sequence; a list of ints
+            works too), or None (all L). A sequence of length 0 outputs zeros.
         scale: logit scale, default ``D ** -0.5``.
         cutoff: float > 0: drop keys with ``|i - j| > cutoff * sigma_i`` (needs sigma).
+        mask: instead of ``lengths``: ``[B, L]`` bool or 0/1 (true = valid), a prefix per row,
+            as PRVR codebases pass ``video_mask``. Not both.
         impl: ``None`` (= ``KDC_IMPL``, default ``"auto"``), ``"auto"``, ``"reference"``,
             ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``[B, H, L, D]`` in q's dtype. Softmax and accumulation run in fp32. Gradients flow to
-        q, k, v, rel_bias and sigma. NaN or inf in q/k/v/rel_bias propagate to the output rows
-        they touch; they are not checked.
+        ``[B, H, L, D]`` in q's dtype. Softmax and accumulation run in fp32 (fp32 dots in IEEE
+        fp32 unless TF32 is allowed the torch way). Gradients flow to q, k, v, rel_bias and
+        sigma. Excluded positions (padding, keys beyond a row's cutoff) may hold anything, NaN
+        included, and never change a valid output or gradient; a NaN/inf that a valid row's
+        window does hold makes that row NaN (not checked).
 
     Raises:
-        TypeError / ValueError: invalid arguments (the message names the argument).
+        TypeError / ValueError: invalid arguments (the message names the argument). Data checks
+            (lengths, mask, sigma values) follow ``KDC_VALUE_CHECKS``: a ValueError on CPU
+            tensors, a device-side assert (no host sync) on GPU tensors unless
+            ``KDC_VALUE_CHECKS=sync``.
         NotImplementedError: an explicit ``impl`` cannot run this call (every reason listed).
 
     Example:
@@ -100,6 +124,15 @@ def windowed_attention(
         ...                          sigma=torch.full((B, H, L), 4.0), lengths=torch.tensor([32, 7]))
         >>> out.shape
         torch.Size([2, 4, 32, 16])
+        >>> video_mask = torch.arange(L)[None] < torch.tensor([32, 7])[:, None]   # [B, L]
+        >>> torch.equal(windowed_attention(q, k, v, mask=video_mask.float()),
+        ...             windowed_attention(q, k, v, lengths=torch.tensor([32, 7])))
+        True
     """
-    case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff)
+    case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask)
+    if _is_empty(q):
+        # torch's convention: an empty batch gives an empty result. The requested impl must still
+        # be able to run here; the reference then builds the (autograd-connected) empty output.
+        _backend.resolve(OP_NAME, impl, q.device, lambda name: _backend.why_not(OP_NAME, __package__, name, q.device, case))
+        impl = "reference"
     return _backend.dispatch(OP_NAME, __package__, impl, q.device, case, windowed_attention_ref)
