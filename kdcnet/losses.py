@@ -75,16 +75,20 @@ def _own_mask(query_video: torch.Tensor, num_videos: int) -> torch.Tensor:
 
 
 def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float, hard_negatives: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, *, hard: bool = True) -> torch.Tensor:
     """Bidirectional triplet ranking on a cosine score matrix ``scores [Nq, B]`` (see module doc);
-    the t2v negatives are drawn with ``generator`` (a CPU generator; None: torch's global one)."""
+    the t2v negatives are drawn with ``generator`` (a CPU generator; None: torch's global one).
+
+    ``hard=False`` samples MS-SL's random negatives instead (its first epochs): the t2v negative
+    uniformly among all other videos of the batch, the v2t negative uniformly among the queries
+    of other videos (both with ``generator``)."""
     nq, nv = scores.shape
     own = _own_mask(query_video, nv)
     zero = scores.new_zeros(())
     t2v = v2t = zero
     if nv >= 2:
         pos = scores.gather(1, query_video[:, None]).squeeze(1)  # [Nq]
-        kk = min(hard_negatives, nv - 1)
+        kk = min(hard_negatives, nv - 1) if hard else nv - 1
         hardest = scores.detach().masked_fill(own, float("-inf")).topk(kk, dim=1).indices  # [Nq, kk]
         pick = torch.randint(0, kk, (nq, 1), generator=generator).to(scores.device)
         neg = scores.gather(1, hardest.gather(1, pick)).squeeze(1)
@@ -94,9 +98,19 @@ def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float,
     use = (count > 0) & has_neg
     if bool(use.any()):
         pos_v = (scores * own).sum(dim=0) / count.clamp_min(1)
-        neg_v = scores.masked_fill(own, float("-inf")).amax(dim=0)
+        if hard:
+            neg_v = scores.masked_fill(own, float("-inf")).amax(dim=0)
+        else:  # a uniform random query of another video: the argmax of uniform keys over the negatives
+            keys = torch.rand(nq, nv, generator=generator).to(scores.device).masked_fill(own, -1.0)
+            neg_v = scores.gather(0, keys.argmax(dim=0, keepdim=True)).squeeze(0)
         v2t = F.relu(margin + neg_v[use] - pos_v[use]).mean()
     return t2v + v2t
+
+
+def hard_negatives_on(cfg: LossConfig, epoch: int | None) -> bool:
+    """Whether epoch ``epoch`` (from 0) samples hard negatives: from ``loss.hard_negative_start_epoch``
+    on (MS-SL's schedule; random negatives before), always when ``epoch`` is None."""
+    return epoch is None or epoch >= cfg.hard_negative_start_epoch
 
 
 def infonce_loss(dots: torch.Tensor, query_video: torch.Tensor) -> torch.Tensor:
@@ -174,18 +188,19 @@ def distillation_losses(cfg: LossConfig, batch, queries: torch.Tensor, frames: t
 
 
 def compute_losses(model, batch, cfg: LossConfig, kd_lambda: float, *,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
     """Every loss term of one batch (each a scalar tensor) plus ``"total"`` (the one to minimise).
 
     ``model`` is a :class:`kdcnet.model.KDCNet`; ``kd_lambda`` is :func:`kd_weight` of the epoch
-    (0 skips distillation). Terms that are switched off are 0. ``generator``: see :func:`triplet_loss`.
+    (0 skips distillation). Terms that are switched off are 0. ``generator``: see :func:`triplet_loss`;
+    ``epoch`` (from 0) selects random or hard negatives (:func:`hard_negatives_on`; None: hard).
     """
     frames, queries = model.encode_videos(batch), model.encode_queries(batch)
-    return embedding_losses(model, batch, frames, queries, cfg, kd_lambda, generator=generator)
+    return embedding_losses(model, batch, frames, queries, cfg, kd_lambda, generator=generator, epoch=epoch)
 
 
 def embedding_losses(model, batch, frames: dict, queries: dict, cfg: LossConfig, kd_lambda: float, *,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     generator: torch.Generator | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
     """:func:`compute_losses` from the batch's embeddings ``frames {branch: [B, L, d]}`` and
     ``queries {branch: [Nq, d]}`` (``model`` only scores them); ``batch`` supplies
     ``video_lengths``, ``query_video`` and the teacher features."""
@@ -194,9 +209,10 @@ def embedding_losses(model, batch, frames: dict, queries: dict, cfg: LossConfig,
     dots = model.branch_scores(queries, frames, lengths, normalize=False)
     terms: dict[str, torch.Tensor] = {}
     total = cos["inheritance"].new_zeros(())
+    hard = hard_negatives_on(cfg, epoch)
     for name in cos:
         short = _SHORT[name]
-        terms[f"trip_{short}"] = triplet_loss(cos[name], qv, cfg.margin, cfg.hard_negatives, generator)
+        terms[f"trip_{short}"] = triplet_loss(cos[name], qv, cfg.margin, cfg.hard_negatives, generator, hard=hard)
         terms[f"nce_{short}"] = infonce_loss(dots[name].float(), qv)
         total = total + terms[f"trip_{short}"] + cfg.nce_weight * terms[f"nce_{short}"]
     terms["kl_seg"] = terms["kl_obj"] = total.new_zeros(())
