@@ -39,7 +39,7 @@ from kdcnet.model import BRANCHES, KDCNet, length_mask
 from kdcnet.synthetic import make_synthetic
 
 NAME = "learn"
-D, FRAMES, EPOCHS, BATCH, LR, WARMUP, RANDOM_NEGATIVE_EPOCHS = 32, 32, 8, 32, 3e-3, 0.05, 2
+D, FRAMES, EPOCHS = 32, 32, 8   # the synthetic preset (d 64, 64 frames, 10 epochs), smaller and shorter
 PLAIN_D = 128  # the plain model is linear: a wider joint space is all it can use
 SEED = 0
 # A run "learns" when it ends far above chance on all of these (chance: 0.7 / 6.7 / 77.3).
@@ -60,7 +60,6 @@ def splits(root):
 def _config(root=None, *overrides):
     cfg = preset("synthetic")
     cfg.model.d, cfg.data.max_frames, cfg.train.epochs = D, FRAMES, EPOCHS
-    cfg.loss.hard_negative_start_epoch = RANDOM_NEGATIVE_EPOCHS
     cfg.train.plots = False
     if root is not None:
         cfg.data.root, cfg.data.collection = str(root), NAME
@@ -123,21 +122,22 @@ def _loss(kind: str, cfg, batch, frames, queries, epoch: int, generator) -> torc
 
 
 def _fit(model: nn.Module, kind: str, cfg, train: PRVRCollection) -> nn.Module:
-    """The trainer's recipe: AdamW, linear warm-up then linear decay, grad-norm clip 1, batches of
-    ``BATCH`` videos with all their captions, random negatives for the first epochs."""
-    steps = EPOCHS * math.ceil(len(train.video_ids) / BATCH)
-    warm = math.ceil(WARMUP * steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=cfg.train.weight_decay)
+    """The trainer's recipe: AdamW, linear warm-up then linear decay, grad-norm clipping, batches of
+    videos with all their captions, random negatives for the first epochs (``cfg``'s values)."""
+    t = cfg.train
+    steps = t.epochs * math.ceil(len(train.video_ids) / t.batch_size)
+    warm = math.ceil(t.warmup * steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / (steps - warm)))
     generator = torch.Generator().manual_seed(SEED)
     model.train()
-    for epoch in range(EPOCHS):
-        for batch in train_batches(train, BATCH, seed=SEED, epoch=epoch):
+    for epoch in range(t.epochs):
+        for batch in train_batches(train, t.batch_size, seed=SEED, epoch=epoch):
             loss = _loss(kind, cfg, batch, model.encode_videos(batch), model.encode_queries(batch), epoch, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
             schedule.step()
     return model.eval()
