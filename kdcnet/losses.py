@@ -128,8 +128,9 @@ def refine_teacher_frames(teacher: torch.Tensor, lengths: torch.Tensor, window: 
     teacher frames within ``window // 2`` of it that are valid (fewer at borders and before
     padding: the average is renormalised by the count). ``teacher [B, L, Dt] -> [B, L, Dt]``,
     padded frames zero. ``window = 1`` only normalises."""
-    valid = length_mask(lengths, teacher.shape[1])[..., None].to(teacher.dtype)  # [B, L, 1]
-    c = F.normalize(teacher, dim=-1) * valid
+    mask = length_mask(lengths, teacher.shape[1])[..., None]  # [B, L, 1]
+    valid = mask.to(teacher.dtype)
+    c = torch.where(mask, F.normalize(teacher, dim=-1), 0.0)  # padded frames may hold anything, even NaN
     radius = window // 2
     if radius == 0:
         return c

@@ -511,22 +511,80 @@ def unseen_report(run_dir, split: str = "test", checkpoint: str = "best.pt", dev
     return rows
 
 
-def _unseen_report_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kdcnet.synthetic",
-        description="Recall on the unseen and the seen test captions of runs trained on a collection made with "
-                    "kdcnet make-synthetic --unseen-fraction F (e.g. the subfolders of a kdcnet train --ablate run).")
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate")
+def teacher_report(root, collection: str, split: str = "test", windows=(1, 3, 5), max_frames: int = 64) -> list[dict]:
+    """How the temporal-continuity refinement (``loss.krd_window``) changes what the teacher teaches,
+    on one split of a collection with teacher features: per box window w, the teacher's own
+    zero-shot retrieval with the refined features (``T[q, v] = max_i t~_i``, the objective-aligned
+    target), its SumR on the shortest moments (M/V <= 0.2) and, for the segment-aware target
+    ``softmax_i(t~_i / 0.2)`` over the positive video, the mean probability mass (percent) inside
+    the captioned moment (needs the moments file)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdc_kernels import max_similarity
+
+    from . import metrics as M
+    from .data import PRVRCollection, query_batches, video_batches
+    from .losses import refine_teacher_frames
+
+    data = PRVRCollection(root, collection, split, max_frames=max_frames)
+    if not data.has_teacher:
+        raise ValueError(f"{collection} has no teacher features")
+    videos, caps = next(video_batches(data, 10 ** 9)), next(query_batches(data, 10 ** 9))
+    cq = F.normalize(caps.teacher_queries, dim=-1)
+    lengths, pos = videos.video_lengths, caps.query_video
+    moments = [data.moments.get(c) for c in data.cap_ids]
+    short = torch.tensor([m is not None and m.ratio <= 0.2 for m in moments])
+    rows = []
+    for w in windows:
+        refined = refine_teacher_frames(videos.teacher_videos, lengths, w)
+        ranks = M.ranks_from_scores(max_similarity(cq, refined, lengths, normalize=False), pos)
+        curve = torch.einsum("nd,nld->nl", cq, refined[pos])
+        valid = torch.arange(curve.shape[1])[None, :] < lengths[pos][:, None]
+        target = torch.softmax((curve / 0.2).masked_fill(~valid, float("-inf")), dim=1)
+        inside = []
+        for n, m in enumerate(moments):
+            if m is not None:   # moment [start, end) in seconds -> frames on the (binned) grid
+                n_frames, total = int(lengths[pos[n]]), max(m.duration, 1e-9)
+                lo, hi = int(n_frames * m.start / total), max(int(n_frames * m.start / total) + 1,
+                                                              round(n_frames * m.end / total))
+                inside.append(float(target[n, lo:hi].sum()))
+        row = {"krd_window": w, **M.recalls_from_ranks(ranks)}
+        row["SumR M/V<=0.2"] = M.recalls_from_ranks(ranks[short])["SumR"] if bool(short.any()) else float("nan")
+        row["target % in moment"] = 100 * sum(inside) / len(inside) if inside else float("nan")
+        rows.append(row)
+    return rows
+
+
+def _report_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdcnet.synthetic",
+                                     description="Reports on synthetic collections and the runs trained on them.")
+    sub = parser.add_subparsers(dest="report", required=True)
+    u = sub.add_parser("unseen", help="recall on the unseen and the seen test captions of runs trained on a "
+                                      "collection made with kdcnet make-synthetic --unseen-fraction F")
+    u.add_argument("runs", nargs="+", type=Path, help="run folders (e.g. the subfolders of a kdcnet train --ablate run)")
+    u.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
+    t = sub.add_parser("teacher", help="the teacher's targets with each temporal-continuity window (loss.krd_window)")
+    t.add_argument("--data-root", type=Path, default=None, help="data root (default: the built-in synthetic collection)")
+    t.add_argument("--collection", default=DEFAULT_COLLECTION, help="collection name (default: synthetic)")
+    t.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
+    t.add_argument("--windows", type=int, nargs="+", default=[1, 3, 5], help="box windows (default: 1 3 5)")
+    t.add_argument("--max-frames", type=int, default=64, help="frames after bin-averaging (default: 64, the synthetic preset)")
     args = parser.parse_args(argv)
     from .metrics import RECALL_KEYS, format_table
 
-    for run in args.runs:
-        rows = unseen_report(run, args.split)
-        print(f"{run} ({args.split} split):")
-        print(format_table(rows, ["scorer", "captions", "queries", *RECALL_KEYS, "SumR"]))
+    if args.report == "unseen":
+        for run in args.runs:
+            rows = unseen_report(run, args.split)
+            print(f"{run} ({args.split} split):")
+            print(format_table(rows, ["scorer", "captions", "queries", *RECALL_KEYS, "SumR"]))
+        return 0
+    root = args.data_root if args.data_root is not None else ensure_default_synthetic()[0]
+    rows = teacher_report(root, args.collection, args.split, args.windows, args.max_frames)
+    print(f"teacher targets on {args.collection} ({args.split} split):")
+    print(format_table(rows, ["krd_window", *RECALL_KEYS, "SumR", "SumR M/V<=0.2", "target % in moment"]))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(_unseen_report_main())
+    raise SystemExit(_report_main())

@@ -22,6 +22,7 @@ reproducible across CPUs (BLAS blocking differs), so only such margins are asser
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -257,3 +258,30 @@ def test_kdcnet_train_without_distillation_learns(root, tmp_path, plain):
     for name in BRANCHES:
         _assert_learned(result["branches"][name], f"the {name} branch of KDC-Net (loss.distill=false)")
     assert result["SumR"] >= 0.75 * plain["SumR"], (result, plain)
+
+
+# ------------------------------------------------------------------------------- reproducibility
+
+
+def test_same_command_gives_bit_identical_numbers_with_a_fixed_thread_count(tiny_root, tmp_path):
+    """What the README promises: on one machine, with the same thread count, the same run gives the
+    same bits (per-epoch losses and validation, test metrics, parameters). Nothing is claimed across
+    CPUs or thread counts: BLAS kernels block sums differently there."""
+    from kdcnet import trainer
+
+    from .conftest import NAME as TINY, TINY_READ
+
+    cfg = preset("synthetic")
+    cfg.data.root, cfg.data.collection = str(tiny_root), TINY
+    cfg.data.max_frames, cfg.data.max_tokens = TINY_READ["max_frames"], TINY_READ["max_tokens"]
+    cfg.model.d, cfg.model.heads, cfg.model.dropout = 16, 2, 0.1      # dropout draws are part of the run
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.threads, cfg.train.plots = 3, 2, 2, False
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        trainer.train(cfg, run, progress=False, console=False)
+    a, b = ([{k: v for k, v in json.loads(line).items() if k not in ("seconds", "steps_per_s")}
+             for line in (run / "metrics.jsonl").read_text().splitlines()] for run in runs)
+    assert a == b and len(a) == 3
+    assert (runs[0] / "test_metrics.json").read_text() == (runs[1] / "test_metrics.json").read_text()
+    pa, pb = (torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"] for run in runs)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)

@@ -66,6 +66,33 @@ def test_refinement_by_hand():
     torch.testing.assert_close(wide[0, 0], torch.tensor([2 / 3, 1 / 3]))  # frames 0..2 (3 is padding)
 
 
+def test_refined_teacher_targets_are_the_box_smoothed_curve_of_the_specification():
+    """SPEC: t~ = box-smoothing of t_i = cos(c_q, c_{v,i}) along i (window w), renormalised at the
+    video's borders and before padding; T[q, v] = max_i t~_i; the segment target is
+    softmax_i(t~_i / 0.2). Teacher frames are built so that the raw curve is t = (.9, .1, -.2, .5)
+    over 4 valid frames (a 5th, padded frame holds garbage)."""
+    t = [0.9, 0.1, -0.2, 0.5]
+    frames = torch.tensor([[[3 * x, 3 * math.sqrt(1 - x * x)] for x in t] + [[float("nan"), 7.0]]])  # any norm
+    query = torch.tensor([[2.0, 0.0]])
+    lengths = torch.tensor([4])
+    by_hand = {1: t,
+               3: [(0.9 + 0.1) / 2, (0.9 + 0.1 - 0.2) / 3, (0.1 - 0.2 + 0.5) / 3, (-0.2 + 0.5) / 2],
+               5: [(0.9 + 0.1 - 0.2) / 3, (0.9 + 0.1 - 0.2 + 0.5) / 4, (0.9 + 0.1 - 0.2 + 0.5) / 4, (0.1 - 0.2 + 0.5) / 3]}
+    for window, want in by_hand.items():
+        refined = Lo.refine_teacher_frames(frames, lengths, window)
+        curve = (F.normalize(query, dim=-1) @ refined[0].T)[0]
+        torch.testing.assert_close(curve, torch.tensor(want + [0.0]), atol=1e-6, rtol=0)
+        score = Lo.max_similarity(F.normalize(query, dim=-1), refined, lengths, normalize=False)
+        assert abs(float(score) - max(want)) < 1e-6
+        # the segment-aware target the student is pulled to: KL is 0 exactly when the student's
+        # curve equals the refined teacher curve on the valid frames (padding is ignored)
+        student = torch.tensor([want + [123.0]])
+        valid = torch.tensor([[True] * 4 + [False]])
+        assert abs(float(Lo.segment_kl(curve[None], student, valid, 0.2))) < 1e-6
+    # the window flattens a short peak: what it costs on data with short, sharp-edged moments
+    assert max(by_hand[3]) < max(by_hand[1]) and max(by_hand[5]) < max(by_hand[3])
+
+
 def test_segment_and_objective_kl_by_hand():
     teacher = torch.tensor([[0.2, 0.4, 9.0], [0.1, -0.3, 0.5]])
     student = torch.tensor([[0.1, 0.1, -9.0], [0.3, 0.2, 0.0]])
