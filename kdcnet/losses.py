@@ -7,6 +7,7 @@ and ``u_b = max_similarity(q_b, F_b, normalize=False)`` (raw max dot product)::
 
     trip_b = mean_n relu(m + s[n, neg(n)] - s[n, pos(n)])              text-to-video
            + mean_v relu(m + max_{n not of v} s[n, v] - mean_{n of v} s[n, v])   video-to-text
+             (random negatives instead of the hard ones before loss.hard_negative_start_epoch)
     nce_b  = mean_n (logsumexp_v u[n, :] - u[n, pos(n)])                text-to-video
            + mean_v (logsumexp_n u[:, v] - logsumexp_{n of v} u[n, v])  video-to-text
 
@@ -24,7 +25,10 @@ Choices the model specification leaves open, made here:
 
 * The t2v negative is drawn uniformly among the ``min(hard_negatives, B - 1)`` highest-scoring
   other videos of the batch, with torch's global CPU generator (restored on resume), so the
-  hardest negative is one of the candidates. (Several processes draw with a generator seeded by
+  hardest negative is one of the candidates. Before epoch ``hard_negative_start_epoch`` (MS-SL's
+  schedule) the negatives are random instead: the t2v one uniform among all other videos, the v2t
+  one uniform among the other videos' queries. Hard negatives from the first step can drive a
+  freshly initialised branch to the degenerate point where every score is equal (loss 2 x margin). (Several processes draw with a generator seeded by
   ``(seed, epoch)``, the same on every rank, so gathered global batches get the same negatives
   on every rank.)
 * Reduction: triplet and InfoNCE terms are means (over queries for t2v, over videos for v2t), so
