@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcnet import losses as Lo
-from kdcnet.config import LossConfig
+from kdcnet.config import LossConfig, apply_overrides, preset
 from kdcnet.model import KDCNet
 
 from .batches import make_batch, repad, tiny_config
@@ -40,6 +40,32 @@ def test_triplet_negative_is_drawn_among_the_hardest():
     seen = {round(float(Lo.triplet_loss(scores, torch.tensor([0]), 0.2, hard_negatives=2)), 4) for _ in range(60)}
     assert seen == {0.6, 0.4}  # .2 + .9 - .5 and .2 + .7 - .5, never the third-hardest (0)
     assert {round(float(Lo.triplet_loss(scores, torch.tensor([0]), 0.2, 1)), 4) for _ in range(10)} == {0.6}
+
+
+def test_random_negatives_before_the_hard_ones():
+    """MS-SL's first epochs: the t2v negative uniform among all other videos, the v2t negative
+    uniform among the other videos' queries (not the hardest)."""
+    scores = torch.tensor([[0.5, 0.9, 0.7, 0.1]])  # one query of video 0
+    g = torch.Generator().manual_seed(0)
+    t2v = {round(float(Lo.triplet_loss(scores, torch.tensor([0]), 0.2, 1, g, hard=False)), 4) for _ in range(80)}
+    assert t2v == {0.6, 0.4, 0.0}                  # every negative, the third-hardest (.1) included
+    # v2t alone (every t2v term is 0): video 0 owns q0, q1; video 1 owns q2, q3, q4 (mean .4667) and
+    # its negative queries q0, q1 score .8 and .1: hardest -> .2 + .8 - .4667, random -> that or 0
+    s = torch.tensor([[1.0, 0.8], [1.0, 0.1], [-1.0, 0.9], [-1.0, 0.5], [-1.0, 0.0]])
+    qv = torch.tensor([0, 0, 1, 1, 1])
+    hard = (0.2 + 0.8 - 1.4 / 3) / 2             # mean over the two videos (video 0's term is 0)
+    assert abs(float(Lo.triplet_loss(s, qv, 0.2, 1, hard=True)) - hard) < 1e-6
+    drawn = {round(float(Lo.triplet_loss(s, qv, 0.2, 1, g, hard=False)), 4) for _ in range(60)}
+    assert drawn == {round(hard, 4), 0.0}
+
+
+def test_hard_negative_schedule_flag():
+    cfg = LossConfig(hard_negative_start_epoch=2)
+    assert [Lo.hard_negatives_on(cfg, e) for e in (0, 1, 2, 9, None)] == [False, False, True, True, True]
+    assert Lo.hard_negatives_on(LossConfig(hard_negative_start_epoch=0), 0)
+    assert preset("tvr").loss.hard_negative_start_epoch == 20 and preset("synthetic").loss.hard_negative_start_epoch == 2
+    with pytest.raises(ValueError, match="loss.hard_negative_start_epoch must be an int >= 0"):
+        apply_overrides(preset("synthetic"), ["loss.hard_negative_start_epoch=-1"])
 
 
 def test_triplet_single_video_batch_is_zero():
