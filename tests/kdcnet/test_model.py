@@ -124,6 +124,7 @@ def test_hsa_matches_its_formula():
         torch.testing.assert_close(got[n, :m], expected, atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
 def test_initialisation_is_ms_sl_s():
     """Linear and Embedding weights ~ N(0, 0.02) (position tables included), biases 0, LayerNorm
     1 / 0, the DTA bias table 0; the HSA convolutions keep torch's default."""
