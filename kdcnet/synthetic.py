@@ -25,7 +25,15 @@ The generative story (all from one seed, see :class:`SyntheticConfig` for the kn
   ``T z + teacher_noise * noise``, teacher frame ``T m_t + teacher_background * b' +
   teacher_noise * white noise`` on its own grid of ``round(teacher_frame_ratio * n)`` frames.
   It is cleaner than the student's features and zero-shot aligned, so it retrieves the right
-  video far above chance by itself and helps most when training data is scarce.
+  video far above chance by itself, but it sees only a ``teacher_coverage`` share of the latent
+  space (on the default collection a trained student retrieves better than it does).
+* **Unseen events** (``unseen_fraction > 0``; off by default). The last ``unseen_words`` words of
+  the vocabulary never occur in a train or val caption; a fraction ``unseen_fraction`` of the test
+  captions describe events made only of them. Their latents are projected onto the subspace the
+  teacher sees (and rescaled), so the teacher knows them as CLIP knows concepts a PRVR training
+  set never names, while the student meets them first at test time. The ground truth:
+  ``TextData/<collection><split>.unseen.txt`` (cap_ids) and ``unseen_words`` in ``SYNTHETIC.json``.
+  ``python -m kdcnet.synthetic unseen RUN...`` reports recall on the unseen and seen captions.
 
 Maps produce vectors of about unit norm; noise levels are norms relative to that. Files are
 written deterministically (same seed and options: byte-identical files), first into a temporary
@@ -103,7 +111,7 @@ class SyntheticConfig:
     teacher_frame_ratio: float = _opt(1.0, "teacher frames per student frame (the loader maps them onto the student grid)")
     frame_seconds: float = _opt(1.5, "seconds per frame (for the moments file)")
     unseen_fraction: float = _opt(0.0, "0..1: fraction of the test captions about events made only of unseen words "
-                                       "(never in a train or val caption; the teacher covers them fully); 0: off")
+                                       "(never in a train or val caption; inside the teacher's view); 0: off")
     unseen_words: int = _opt(16, "vocabulary words reserved for the unseen events (used when unseen_fraction > 0)")
 
     def validate(self) -> "SyntheticConfig":
@@ -456,9 +464,9 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
     root = make_synthetic(args.out, args.collection, seed=args.seed, overwrite=args.force, **options)
     info = json.loads((root / args.collection / MARKER).read_text())
     splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions" for s, c in info["splits"].items())
-    if cfg_unseen := info["config"].get("unseen_fraction"):
+    if fraction := info["config"].get("unseen_fraction"):
         splits += f"; {info['splits']['test'].get('unseen_captions', 0)} test captions about unseen events " \
-                  f"(unseen_fraction {cfg_unseen}; cap_ids in {unseen_path(root, args.collection, 'test').name})"
+                  f"(unseen_fraction {fraction}; cap_ids in {unseen_path(root, args.collection, 'test').name})"
     print(f"wrote {root / args.collection} in {time.perf_counter() - t0:.1f} s: {splits}; "
           f"Dv={info['config']['visual_dim']} Dq={info['config']['text_dim']} Dt={info['config']['teacher_dim']}")
     print(f"train on it: kdcnet train --data-root {root} --collection {args.collection}")
