@@ -15,9 +15,10 @@ The initialisation test guards the cause of the bug these catch: torch's N(0, 1)
 swamped the content, every query started nearly parallel to every other, and ranking-only
 training settled where every score is equal.
 
-Thresholds hold with a wide margin on the machines measured (README, "Learning checks"): a
-learning run ends at SumR ~250-360, a collapsed one at ~80-130. Training is not bitwise
-reproducible across CPUs (BLAS blocking differs), so only such margins are asserted.
+Thresholds keep a wide margin (measured on a 2-core AMD EPYC, README "Tests"): these runs end at
+SumR 263-326, and with the old initialisation the ranking-only ones at 84-105. Training is not
+bitwise reproducible across CPUs or thread counts (BLAS blocking differs), so only such margins
+are asserted; the bitwise promise (same machine, same thread count) has its own test at the end.
 """
 
 from __future__ import annotations
