@@ -378,7 +378,8 @@ def step_losses(model: KDCNet, encoder, batch, cfg: C.Config, kd_lambda: float,
 def train_step(model: KDCNet, encoder, batch, optimizer, scheduler, cfg: C.Config, kd_lambda: float,
                generator: torch.Generator | None = None, epoch: int | None = None) -> dict:
     """One optimisation step on ``batch`` (on the model's device): the losses under autocast,
-    backward, grad-norm clipping, optimizer and scheduler steps. Returns the loss terms."""
+    backward, grad-norm clipping, optimizer and scheduler steps. Returns the loss terms. ``epoch``
+    (from 0) chooses random or hard triplet negatives (``loss.hard_negative_start_epoch``; None: hard)."""
     with E.autocast(cfg, batch.video_lengths.device):
         terms = step_losses(model, encoder, batch, cfg, kd_lambda, generator, epoch)
     optimizer.zero_grad(set_to_none=True)
