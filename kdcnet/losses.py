@@ -7,6 +7,7 @@ and ``u_b = max_similarity(q_b, F_b, normalize=False)`` (raw max dot product)::
 
     trip_b = mean_n relu(m + s[n, neg(n)] - s[n, pos(n)])              text-to-video
            + mean_v relu(m + max_{n not of v} s[n, v] - mean_{n of v} s[n, v])   video-to-text
+             (random negatives instead of the hard ones before loss.hard_negative_start_epoch)
     nce_b  = mean_n (logsumexp_v u[n, :] - u[n, pos(n)])                text-to-video
            + mean_v (logsumexp_n u[:, v] - logsumexp_{n of v} u[n, v])  video-to-text
 
@@ -24,7 +25,10 @@ Choices the model specification leaves open, made here:
 
 * The t2v negative is drawn uniformly among the ``min(hard_negatives, B - 1)`` highest-scoring
   other videos of the batch, with torch's global CPU generator (restored on resume), so the
-  hardest negative is one of the candidates. (Several processes draw with a generator seeded by
+  hardest negative is one of the candidates. Before epoch ``hard_negative_start_epoch`` (MS-SL's
+  schedule) the negatives are random instead: the t2v one uniform among all other videos, the v2t
+  one uniform among the other videos' queries. Hard negatives from the first step can drive a
+  freshly initialised branch to the degenerate point where every score is equal (loss 2 x margin). (Several processes draw with a generator seeded by
   ``(seed, epoch)``, the same on every rank, so gathered global batches get the same negatives
   on every rank.)
 * Reduction: triplet and InfoNCE terms are means (over queries for t2v, over videos for v2t), so
@@ -75,16 +79,20 @@ def _own_mask(query_video: torch.Tensor, num_videos: int) -> torch.Tensor:
 
 
 def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float, hard_negatives: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, *, hard: bool = True) -> torch.Tensor:
     """Bidirectional triplet ranking on a cosine score matrix ``scores [Nq, B]`` (see module doc);
-    the t2v negatives are drawn with ``generator`` (a CPU generator; None: torch's global one)."""
+    the t2v negatives are drawn with ``generator`` (a CPU generator; None: torch's global one).
+
+    ``hard=False`` samples MS-SL's random negatives instead (its first epochs): the t2v negative
+    uniformly among all other videos of the batch, the v2t negative uniformly among the queries
+    of other videos (both with ``generator``)."""
     nq, nv = scores.shape
     own = _own_mask(query_video, nv)
     zero = scores.new_zeros(())
     t2v = v2t = zero
     if nv >= 2:
         pos = scores.gather(1, query_video[:, None]).squeeze(1)  # [Nq]
-        kk = min(hard_negatives, nv - 1)
+        kk = min(hard_negatives, nv - 1) if hard else nv - 1
         hardest = scores.detach().masked_fill(own, float("-inf")).topk(kk, dim=1).indices  # [Nq, kk]
         pick = torch.randint(0, kk, (nq, 1), generator=generator).to(scores.device)
         neg = scores.gather(1, hardest.gather(1, pick)).squeeze(1)
@@ -94,9 +102,19 @@ def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float,
     use = (count > 0) & has_neg
     if bool(use.any()):
         pos_v = (scores * own).sum(dim=0) / count.clamp_min(1)
-        neg_v = scores.masked_fill(own, float("-inf")).amax(dim=0)
+        if hard:
+            neg_v = scores.masked_fill(own, float("-inf")).amax(dim=0)
+        else:  # a uniform random query of another video: the argmax of uniform keys over the negatives
+            keys = torch.rand(nq, nv, generator=generator).to(scores.device).masked_fill(own, -1.0)
+            neg_v = scores.gather(0, keys.argmax(dim=0, keepdim=True)).squeeze(0)
         v2t = F.relu(margin + neg_v[use] - pos_v[use]).mean()
     return t2v + v2t
+
+
+def hard_negatives_on(cfg: LossConfig, epoch: int | None) -> bool:
+    """Whether epoch ``epoch`` (from 0) samples hard negatives: from ``loss.hard_negative_start_epoch``
+    on (MS-SL's schedule; random negatives before), always when ``epoch`` is None."""
+    return epoch is None or epoch >= cfg.hard_negative_start_epoch
 
 
 def infonce_loss(dots: torch.Tensor, query_video: torch.Tensor) -> torch.Tensor:
@@ -114,8 +132,9 @@ def refine_teacher_frames(teacher: torch.Tensor, lengths: torch.Tensor, window: 
     teacher frames within ``window // 2`` of it that are valid (fewer at borders and before
     padding: the average is renormalised by the count). ``teacher [B, L, Dt] -> [B, L, Dt]``,
     padded frames zero. ``window = 1`` only normalises."""
-    valid = length_mask(lengths, teacher.shape[1])[..., None].to(teacher.dtype)  # [B, L, 1]
-    c = F.normalize(teacher, dim=-1) * valid
+    mask = length_mask(lengths, teacher.shape[1])[..., None]  # [B, L, 1]
+    valid = mask.to(teacher.dtype)
+    c = torch.where(mask, F.normalize(teacher, dim=-1), 0.0)  # padded frames may hold anything, even NaN
     radius = window // 2
     if radius == 0:
         return c
@@ -174,18 +193,19 @@ def distillation_losses(cfg: LossConfig, batch, queries: torch.Tensor, frames: t
 
 
 def compute_losses(model, batch, cfg: LossConfig, kd_lambda: float, *,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                   generator: torch.Generator | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
     """Every loss term of one batch (each a scalar tensor) plus ``"total"`` (the one to minimise).
 
     ``model`` is a :class:`kdcnet.model.KDCNet`; ``kd_lambda`` is :func:`kd_weight` of the epoch
-    (0 skips distillation). Terms that are switched off are 0. ``generator``: see :func:`triplet_loss`.
+    (0 skips distillation). Terms that are switched off are 0. ``generator``: see :func:`triplet_loss`;
+    ``epoch`` (from 0) selects random or hard negatives (:func:`hard_negatives_on`; None: hard).
     """
     frames, queries = model.encode_videos(batch), model.encode_queries(batch)
-    return embedding_losses(model, batch, frames, queries, cfg, kd_lambda, generator=generator)
+    return embedding_losses(model, batch, frames, queries, cfg, kd_lambda, generator=generator, epoch=epoch)
 
 
 def embedding_losses(model, batch, frames: dict, queries: dict, cfg: LossConfig, kd_lambda: float, *,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     generator: torch.Generator | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
     """:func:`compute_losses` from the batch's embeddings ``frames {branch: [B, L, d]}`` and
     ``queries {branch: [Nq, d]}`` (``model`` only scores them); ``batch`` supplies
     ``video_lengths``, ``query_video`` and the teacher features."""
@@ -194,9 +214,10 @@ def embedding_losses(model, batch, frames: dict, queries: dict, cfg: LossConfig,
     dots = model.branch_scores(queries, frames, lengths, normalize=False)
     terms: dict[str, torch.Tensor] = {}
     total = cos["inheritance"].new_zeros(())
+    hard = hard_negatives_on(cfg, epoch)
     for name in cos:
         short = _SHORT[name]
-        terms[f"trip_{short}"] = triplet_loss(cos[name], qv, cfg.margin, cfg.hard_negatives, generator)
+        terms[f"trip_{short}"] = triplet_loss(cos[name], qv, cfg.margin, cfg.hard_negatives, generator, hard=hard)
         terms[f"nce_{short}"] = infonce_loss(dots[name].float(), qv)
         total = total + terms[f"trip_{short}"] + cfg.nce_weight * terms[f"nce_{short}"]
     terms["kl_seg"] = terms["kl_obj"] = total.new_zeros(())

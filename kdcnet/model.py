@@ -22,6 +22,16 @@ Choices the paper leaves open, made here: dropout only where the specification l
 after the text position embedding, video input, inside DTA and the text MHSA); the HSA gate's
 hidden width is d; an even HSA kernel size k pads k/2 - 1 zeros
 on the left and k/2 on the right ('same' length).
+
+Initialisation (:func:`init_weights`, as the PRVR codebases MS-SL / GMMFormer / DL-DKD do it): every
+``nn.Linear`` and ``nn.Embedding`` weight (the position tables, the input projections, attention
+q/k/v/output projections, the DTA window projection, the HSA gate, the pooling and output layers)
+~ N(0, 0.02), every Linear bias 0, LayerNorm weight 1 and bias 0; the HSA ``Conv1d`` layers keep
+torch's default (MS-SL resets them to it); the DTA relative bias table and the fixed-window logits
+start at 0. torch's default N(0, 1) for ``nn.Embedding`` would give each position row a norm of
+sqrt(d) (8 at d = 64, 20 at d = 384), about three times the content after the input projection:
+all queries then start nearly parallel, much of every score is a per-video term that ignores the
+query, and ranking-only training settles where every score is equal (chance-level retrieval).
 """
 
 from __future__ import annotations
@@ -36,6 +46,23 @@ from kdc_kernels.nn import DynamicTemporalAttention
 from .config import Config
 
 BRANCHES = ("inheritance", "exploration")
+
+
+INIT_STD = 0.02
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, std: float = INIT_STD) -> None:
+    """MS-SL's initialisation of one module (use with ``model.apply``): Linear and Embedding weights
+    ~ N(0, std), Linear biases 0, LayerNorm 1 / 0; every other module (Conv1d, the DTA tables) keeps
+    its own initialisation."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.normal_(0.0, std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
 
 
 def length_mask(lengths: torch.Tensor, L: int) -> torch.Tensor:
@@ -177,6 +204,7 @@ class KDCNet(nn.Module):
         self.fusion_weight = float(m.fusion_weight)
         self.impl = m.impl
         self.branches = nn.ModuleDict({name: Branch(config, m.visual_dim, m.text_dim) for name in BRANCHES})
+        self.apply(init_weights)
 
     def encode_videos(self, batch, return_widths: bool = False):
         """Frame embeddings per branch ``{branch: [B, L, d]}``; with ``return_widths`` also the DTA

@@ -25,7 +25,15 @@ The generative story (all from one seed, see :class:`SyntheticConfig` for the kn
   ``T z + teacher_noise * noise``, teacher frame ``T m_t + teacher_background * b' +
   teacher_noise * white noise`` on its own grid of ``round(teacher_frame_ratio * n)`` frames.
   It is cleaner than the student's features and zero-shot aligned, so it retrieves the right
-  video far above chance by itself and helps most when training data is scarce.
+  video far above chance by itself, but it sees only a ``teacher_coverage`` share of the latent
+  space (on the default collection a trained student retrieves better than it does).
+* **Unseen events** (``unseen_fraction > 0``; off by default). The last ``unseen_words`` words of
+  the vocabulary never occur in a train or val caption; a fraction ``unseen_fraction`` of the test
+  captions describe events made only of them. Their latents are projected onto the subspace the
+  teacher sees (and rescaled), so the teacher knows them as CLIP knows concepts a PRVR training
+  set never names, while the student meets them first at test time. The ground truth:
+  ``TextData/<collection><split>.unseen.txt`` (cap_ids) and ``unseen_words`` in ``SYNTHETIC.json``.
+  ``python -m kdcnet.synthetic unseen RUN...`` reports recall on the unseen and seen captions.
 
 Maps produce vectors of about unit norm; noise levels are norms relative to that. Files are
 written deterministically (same seed and options: byte-identical files), first into a temporary
@@ -102,6 +110,9 @@ class SyntheticConfig:
     teacher_background: float = _opt(0.3, "norm of the per-video background in teacher frames")
     teacher_frame_ratio: float = _opt(1.0, "teacher frames per student frame (the loader maps them onto the student grid)")
     frame_seconds: float = _opt(1.5, "seconds per frame (for the moments file)")
+    unseen_fraction: float = _opt(0.0, "0..1: fraction of the test captions about events made only of unseen words "
+                                       "(never in a train or val caption; inside the teacher's view); 0: off")
+    unseen_words: int = _opt(16, "vocabulary words reserved for the unseen events (used when unseen_fraction > 0)")
 
     def validate(self) -> "SyntheticConfig":
         def need(ok: bool, name: str, what: str) -> None:
@@ -134,12 +145,23 @@ class SyntheticConfig:
             need(getattr(self, name) > 0, name, "> 0")
         for name in ("frame_noise", "background", "token_noise", "teacher_noise", "teacher_background"):
             need(getattr(self, name) >= 0, name, ">= 0")
+        need(0 <= self.unseen_fraction <= 1, "unseen_fraction", "in [0, 1]")
+        if self.unseen_fraction > 0:
+            need(self.phrase_len <= self.unseen_words <= self.vocab_size - self.phrase_len, "unseen_words",
+                 f"between phrase_len ({self.phrase_len}) and vocab_size - phrase_len ({self.vocab_size - self.phrase_len}) "
+                 f"when unseen_fraction > 0")
         return self
 
     def split_sizes(self) -> tuple[int, int, int]:
         n_val = int(round(self.videos * self.val_fraction))
         n_test = int(round(self.videos * self.test_fraction))
         return self.videos - n_val - n_test, n_val, n_test
+
+
+def unseen_path(root, collection: str, split: str) -> Path:
+    """``TextData/<collection><split>.unseen.txt``: the cap_ids of the split's captions about unseen
+    events, one per line (written with ``unseen_fraction > 0``; the ground truth of that variant)."""
+    return Path(root) / collection / "TextData" / f"{collection}{split}.unseen.txt"
 
 
 # --------------------------------------------------------------------------- generation
@@ -176,6 +198,15 @@ class _World:
         basis = _orthogonal(rng, dz)[:, :r]
         self.teacher_map = (basis @ basis.T) @ _gauss(rng, (dz, cfg.teacher_dim)) * np.sqrt(dz / r)
         self.fillers = _gauss(rng, (len(_FILLER_WORDS), cfg.text_dim))
+        # Unseen words (the last ``unseen_words`` of the vocabulary, only with unseen_fraction > 0):
+        # never in a train or val caption, and inside the subspace the teacher sees, so the teacher
+        # knows them as well as anything while the student meets them first at test time. Their
+        # latents are the projections of their random draws, rescaled to the usual norm (no new draws).
+        self.seen = np.arange(cfg.vocab_size)
+        self.unseen = np.arange(0)
+        if cfg.unseen_fraction > 0:
+            self.seen, self.unseen = np.split(np.arange(cfg.vocab_size), [cfg.vocab_size - cfg.unseen_words])
+            self.words[self.unseen] = self.words[self.unseen] @ (basis @ basis.T) * np.sqrt(dz / r)
 
     def event(self, phrase: np.ndarray) -> np.ndarray:
         return np.einsum("pij,pj->i", self.roles, self.words[phrase]) / np.sqrt(len(phrase))
@@ -200,8 +231,8 @@ def _smooth_noise(rng: np.random.Generator, n: int, dim: int, rho: float, norm: 
     return out
 
 
-def _video(cfg: SyntheticConfig, world: _World, rng: np.random.Generator, vid: str) -> dict:
-    """Everything about one video: frames, teacher frames, captions, tokens, moments."""
+def _video(cfg: SyntheticConfig, world: _World, rng: np.random.Generator, vid: str, split: str) -> dict:
+    """Everything about one video of ``split``: frames, teacher frames, captions, tokens, moments."""
     n = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
     k = int(rng.integers(cfg.min_captions, cfg.max_captions + 1))
     occupied = np.zeros(n, dtype=np.int64)
@@ -213,7 +244,12 @@ def _video(cfg: SyntheticConfig, world: _World, rng: np.random.Generator, vid: s
         start = _place(rng, occupied > 0, length)
         occupied[start:start + length] += 1
         active[start:start + length, c] = 1.0
-        phrase = rng.choice(cfg.vocab_size, size=cfg.phrase_len, replace=False)
+        unseen = False
+        if cfg.unseen_fraction > 0:       # (no extra draws when off: the default data stays byte-identical)
+            unseen = split == "test" and bool(rng.random() < cfg.unseen_fraction)
+            phrase = rng.choice(world.unseen if unseen else world.seen, size=cfg.phrase_len, replace=False)
+        else:
+            phrase = rng.choice(cfg.vocab_size, size=cfg.phrase_len, replace=False)
         n_fill = int(rng.integers(cfg.min_filler, cfg.max_filler + 1))
         fill = rng.integers(0, len(_FILLER_WORDS), size=n_fill)
         at = int(rng.integers(0, n_fill + 1))
@@ -224,7 +260,7 @@ def _video(cfg: SyntheticConfig, world: _World, rng: np.random.Generator, vid: s
         z = world.event(phrase)
         teacher_q = z @ world.teacher_map + _gauss(rng, (cfg.teacher_dim,), cfg.teacher_noise)
         caps.append(dict(cap_id=f"{vid}#enc#{c}", text=" ".join(words), tokens=tokens,
-                         teacher=teacher_q[None], z=z, start=start, end=start + length))
+                         teacher=teacher_q[None], z=z, start=start, end=start + length, unseen=unseen))
     latents = np.stack([c["z"] for c in caps])                             # [k, dz]
     frame_z = active @ latents / np.sqrt(np.maximum(active.sum(1, keepdims=True), 1.0))   # [n, dz]
     frames = (frame_z @ world.video_map + cfg.background * _gauss(rng, (cfg.visual_dim,))
@@ -273,13 +309,13 @@ def _write_collection(base: Path, collection: str, cfg: SyntheticConfig, seed: i
     world_rng, split_rng, video_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     world = _World(cfg, world_rng)
     vids = [f"syn{i:05d}" for i in range(cfg.videos)]
-    gens = np.random.SeedSequence(int(video_rng.integers(2 ** 63))).spawn(cfg.videos)
-    videos = [_video(cfg, world, np.random.default_rng(g), vid) for vid, g in zip(vids, gens)]
-
     n_train, n_val, _ = cfg.split_sizes()
     perm = split_rng.permutation(cfg.videos)
     split_of = np.empty(cfg.videos, dtype=object)
     split_of[perm[:n_train]], split_of[perm[n_train:n_train + n_val]], split_of[perm[n_train + n_val:]] = "train", "val", "test"
+    gens = np.random.SeedSequence(int(video_rng.integers(2 ** 63))).spawn(cfg.videos)
+    videos = [_video(cfg, world, np.random.default_rng(g), vid, split)
+              for vid, g, split in zip(vids, gens, split_of)]
 
     (base / "TextData").mkdir(parents=True)
     (base / "FeatureData").mkdir(parents=True)
@@ -292,6 +328,9 @@ def _write_collection(base: Path, collection: str, cfg: SyntheticConfig, seed: i
             f"{c['cap_id']} {c['start'] * cfg.frame_seconds:.3f} {c['end'] * cfg.frame_seconds:.3f} "
             f"{v['n'] * cfg.frame_seconds:.3f}\n" for v in mine for c in v["caps"]))
         counts[split] = {"videos": len(mine), "captions": len(caps)}
+        if cfg.unseen_fraction > 0:
+            unseen_path(root, collection, split).write_text("".join(f"{c['cap_id']}\n" for c in caps if c["unseen"]))
+            counts[split]["unseen_captions"] = sum(c["unseen"] for c in caps)
     write_bigfile(base / "FeatureData" / VISUAL_FEATURE, [(v["vid"], v["frames"]) for v in videos])
     all_caps = [c for v in videos for c in v["caps"]]
     write_hdf5(text_feature_path(root, collection), [(c["cap_id"], c["tokens"]) for c in all_caps])
@@ -299,6 +338,8 @@ def _write_collection(base: Path, collection: str, cfg: SyntheticConfig, seed: i
     write_hdf5(teacher_video_path(root, collection), [(v["vid"], v["teacher"]) for v in videos])
     info = {"generator_version": SYNTHETIC_VERSION, "seed": seed, "collection": collection,
             "visual_feature": VISUAL_FEATURE, "splits": counts, "config": asdict(cfg)}
+    if cfg.unseen_fraction > 0:
+        info["unseen_words"] = [_word(int(v)) for v in world.unseen]
     (base / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
 
@@ -423,7 +464,135 @@ def run_make_synthetic(args: argparse.Namespace) -> int:
     root = make_synthetic(args.out, args.collection, seed=args.seed, overwrite=args.force, **options)
     info = json.loads((root / args.collection / MARKER).read_text())
     splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions" for s, c in info["splits"].items())
+    if fraction := info["config"].get("unseen_fraction"):
+        splits += f"; {info['splits']['test'].get('unseen_captions', 0)} test captions about unseen events " \
+                  f"(unseen_fraction {fraction}; cap_ids in {unseen_path(root, args.collection, 'test').name})"
     print(f"wrote {root / args.collection} in {time.perf_counter() - t0:.1f} s: {splits}; "
           f"Dv={info['config']['visual_dim']} Dq={info['config']['text_dim']} Dt={info['config']['teacher_dim']}")
     print(f"train on it: kdcnet train --data-root {root} --collection {args.collection}")
     return 0
+
+
+# --------------------------------------------------------------------------- the unseen-events variant
+
+def unseen_report(run_dir, split: str = "test", checkpoint: str = "best.pt", device: str = "cpu") -> list[dict]:
+    """Recalls of a run on a collection made with ``unseen_fraction > 0``, split by its ground truth:
+    one row per (scorer, subset) for the fused score, each branch and the teacher on its own
+    (zero-shot: max over frames of the teacher's cosine), over the ``unseen`` and ``seen`` test
+    captions and ``all``. Scores every query against every video of the split at once (a synthetic
+    collection is small)."""
+    import torch
+
+    from . import config as C
+    from . import evaluate as E
+    from . import metrics as M
+    from .data import query_batches, video_batches
+    from .model import BRANCHES, KDCNet
+
+    run_dir = Path(run_dir)
+    cfg = C.load(run_dir / "config.json")
+    data = E.open_split(cfg, split, teacher=True)
+    path = unseen_path(data.root, data.collection, split)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: {data.collection} was not made with --unseen-fraction > 0")
+    unseen_ids = set(path.read_text().split())
+    unseen = torch.tensor([c in unseen_ids for c in data.cap_ids])
+    dev = torch.device(device)
+    model = KDCNet(cfg).to(dev)
+    model.load_state_dict(torch.load(run_dir / checkpoint, map_location=dev, weights_only=False)["model"])
+    frames, lengths, queries, _ = E.encode_collection(model, data, cfg, dev)
+    with torch.no_grad():
+        branch = model.branch_scores(queries, frames, lengths)
+    scorers = {"KDC-Net": model.fuse(branch), **{f"{name} branch": branch[name] for name in BRANCHES}}
+    if data.has_teacher:
+        from kdc_kernels import max_similarity
+
+        videos, caps = next(video_batches(data, 10 ** 9)), next(query_batches(data, 10 ** 9))
+        scorers["teacher (zero-shot)"] = max_similarity(caps.teacher_queries, videos.teacher_videos, videos.video_lengths)
+    targets = torch.as_tensor(data.cap_video, dtype=torch.int64)
+    rows = []
+    for name, scores in scorers.items():
+        ranks = M.ranks_from_scores(scores.cpu(), targets)
+        for subset, keep in (("unseen", unseen), ("seen", ~unseen), ("all", torch.ones_like(unseen))):
+            rows.append({"scorer": name, "captions": subset, "queries": int(keep.sum()),
+                         **M.recalls_from_ranks(ranks[keep])})
+    return rows
+
+
+def teacher_report(root, collection: str, split: str = "test", windows=(1, 3, 5), max_frames: int = 64) -> list[dict]:
+    """How the temporal-continuity refinement (``loss.krd_window``) changes what the teacher teaches,
+    on one split of a collection with teacher features: per box window w, the teacher's own
+    zero-shot retrieval with the refined features (``T[q, v] = max_i t~_i``, the objective-aligned
+    target), its SumR on the shortest moments (M/V <= 0.2) and, for the segment-aware target
+    ``softmax_i(t~_i / 0.2)`` over the positive video, the mean probability mass (percent) inside
+    the captioned moment (needs the moments file)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdc_kernels import max_similarity
+
+    from . import metrics as M
+    from .data import PRVRCollection, query_batches, video_batches
+    from .losses import refine_teacher_frames
+
+    data = PRVRCollection(root, collection, split, max_frames=max_frames)
+    if not data.has_teacher:
+        raise ValueError(f"{collection} has no teacher features")
+    videos, caps = next(video_batches(data, 10 ** 9)), next(query_batches(data, 10 ** 9))
+    cq = F.normalize(caps.teacher_queries, dim=-1)
+    lengths, pos = videos.video_lengths, caps.query_video
+    moments = [data.moments.get(c) for c in data.cap_ids]
+    short = torch.tensor([m is not None and m.ratio <= 0.2 for m in moments])
+    rows = []
+    for w in windows:
+        refined = refine_teacher_frames(videos.teacher_videos, lengths, w)
+        ranks = M.ranks_from_scores(max_similarity(cq, refined, lengths, normalize=False), pos)
+        curve = torch.einsum("nd,nld->nl", cq, refined[pos])
+        valid = torch.arange(curve.shape[1])[None, :] < lengths[pos][:, None]
+        target = torch.softmax((curve / 0.2).masked_fill(~valid, float("-inf")), dim=1)
+        inside = []
+        for n, m in enumerate(moments):
+            if m is not None:   # moment [start, end) in seconds -> frames on the (binned) grid
+                n_frames, total = int(lengths[pos[n]]), max(m.duration, 1e-9)
+                lo, hi = int(n_frames * m.start / total), max(int(n_frames * m.start / total) + 1,
+                                                              round(n_frames * m.end / total))
+                inside.append(float(target[n, lo:hi].sum()))
+        row = {"krd_window": w, **M.recalls_from_ranks(ranks)}
+        row["SumR M/V<=0.2"] = M.recalls_from_ranks(ranks[short])["SumR"] if bool(short.any()) else float("nan")
+        row["target % in moment"] = 100 * sum(inside) / len(inside) if inside else float("nan")
+        rows.append(row)
+    return rows
+
+
+def _report_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdcnet.synthetic",
+                                     description="Reports on synthetic collections and the runs trained on them.")
+    sub = parser.add_subparsers(dest="report", required=True)
+    u = sub.add_parser("unseen", help="recall on the unseen and the seen test captions of runs trained on a "
+                                      "collection made with kdcnet make-synthetic --unseen-fraction F")
+    u.add_argument("runs", nargs="+", type=Path, help="run folders (e.g. the subfolders of a kdcnet train --ablate run)")
+    u.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
+    t = sub.add_parser("teacher", help="the teacher's targets with each temporal-continuity window (loss.krd_window)")
+    t.add_argument("--data-root", type=Path, default=None, help="data root (default: the built-in synthetic collection)")
+    t.add_argument("--collection", default=DEFAULT_COLLECTION, help="collection name (default: synthetic)")
+    t.add_argument("--split", default="test", choices=("train", "val", "test"), help="split (default: test)")
+    t.add_argument("--windows", type=int, nargs="+", default=[1, 3, 5], help="box windows (default: 1 3 5)")
+    t.add_argument("--max-frames", type=int, default=64, help="frames after bin-averaging (default: 64, the synthetic preset)")
+    args = parser.parse_args(argv)
+    from .metrics import RECALL_KEYS, format_table
+
+    if args.report == "unseen":
+        for run in args.runs:
+            rows = unseen_report(run, args.split)
+            print(f"{run} ({args.split} split):")
+            print(format_table(rows, ["scorer", "captions", "queries", *RECALL_KEYS, "SumR"]))
+        return 0
+    root = args.data_root if args.data_root is not None else ensure_default_synthetic()[0]
+    rows = teacher_report(root, args.collection, args.split, args.windows, args.max_frames)
+    print(f"teacher targets on {args.collection} ({args.split} split):")
+    print(format_table(rows, ["krd_window", *RECALL_KEYS, "SumR", "SumR M/V<=0.2", "target % in moment"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_report_main())

@@ -384,21 +384,22 @@ def wrap_encoders(model: KDCNet, device: torch.device) -> torch.nn.Module:
 
 
 def step_losses(model: KDCNet, encoder, batch, cfg: C.Config, kd_lambda: float,
-                generator: torch.Generator | None = None) -> dict:
+                generator: torch.Generator | None = None, epoch: int | None = None) -> dict:
     """The loss terms of one step: of this process's ``batch`` or, with ``train.gather`` under
     several processes, of the global batch (every rank's embeddings gathered; the same on every rank)."""
     frames, queries = encoder(batch)
     if cfg.train.gather and D.current().size > 1:
         batch, frames, queries = D.gather_batch(batch, frames, queries)
-    return embedding_losses(model, batch, frames, queries, cfg.loss, kd_lambda, generator=generator)
+    return embedding_losses(model, batch, frames, queries, cfg.loss, kd_lambda, generator=generator, epoch=epoch)
 
 
 def train_step(model: KDCNet, encoder, batch, optimizer, scheduler, cfg: C.Config, kd_lambda: float,
-               generator: torch.Generator | None = None) -> dict:
+               generator: torch.Generator | None = None, epoch: int | None = None) -> dict:
     """One optimisation step on ``batch`` (on the model's device): the losses under autocast,
-    backward, grad-norm clipping, optimizer and scheduler steps. Returns the loss terms."""
+    backward, grad-norm clipping, optimizer and scheduler steps. Returns the loss terms. ``epoch``
+    (from 0) chooses random or hard triplet negatives (``loss.hard_negative_start_epoch``; None: hard)."""
     with E.autocast(cfg, batch.video_lengths.device):
-        terms = step_losses(model, encoder, batch, cfg, kd_lambda, generator)
+        terms = step_losses(model, encoder, batch, cfg, kd_lambda, generator, epoch)
     optimizer.zero_grad(set_to_none=True)
     terms["total"].backward()
     if cfg.train.grad_clip > 0:
@@ -432,7 +433,7 @@ def _train_epoch(loop: Loop, epoch: int) -> dict:
     batches = train_batches(train_set, t.batch_size, seed=t.seed, epoch=epoch, shuffle=False, video_subset=videos)
     bars = progress if world.is_main else False
     for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", bars):
-        terms = train_step(model, encoder, batch.to(device), optimizer, scheduler, cfg, lam, generator)
+        terms = train_step(model, encoder, batch.to(device), optimizer, scheduler, cfg, lam, generator, epoch)
         for key in sums:
             sums[key] += terms[key].detach().float()
         steps += 1

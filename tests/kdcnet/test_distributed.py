@@ -338,10 +338,10 @@ def test_sharded_evaluation_equals_one_process(eval_root, tmp_path):
 
 
 def _deterministic_config(root, batch_size: int):
-    """Dropout 0 and the hardest negative (no random draws): N gathered ranks of batch b train
-    exactly like one process of batch N * b."""
+    """Dropout 0 and the hardest negative from the first epoch (no random draws): N gathered ranks
+    of batch b train exactly like one process of batch N * b."""
     cfg = tiny_train_config(root, epochs=2, batch_size=batch_size, gather=True)
-    cfg.model.dropout, cfg.loss.hard_negatives = 0.0, 1
+    cfg.model.dropout, cfg.loss.hard_negatives, cfg.loss.hard_negative_start_epoch = 0.0, 1, 0
     return cfg
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcnet import losses as Lo
-from kdcnet.config import LossConfig
+from kdcnet.config import LossConfig, apply_overrides, preset
 from kdcnet.model import KDCNet
 
 from .batches import make_batch, repad, tiny_config
@@ -42,6 +42,32 @@ def test_triplet_negative_is_drawn_among_the_hardest():
     assert {round(float(Lo.triplet_loss(scores, torch.tensor([0]), 0.2, 1)), 4) for _ in range(10)} == {0.6}
 
 
+def test_random_negatives_before_the_hard_ones():
+    """MS-SL's first epochs: the t2v negative uniform among all other videos, the v2t negative
+    uniform among the other videos' queries (not the hardest)."""
+    scores = torch.tensor([[0.5, 0.9, 0.7, 0.1]])  # one query of video 0
+    g = torch.Generator().manual_seed(0)
+    t2v = {round(float(Lo.triplet_loss(scores, torch.tensor([0]), 0.2, 1, g, hard=False)), 4) for _ in range(80)}
+    assert t2v == {0.6, 0.4, 0.0}                  # every negative, the third-hardest (.1) included
+    # v2t alone (every t2v term is 0): video 0 owns q0, q1; video 1 owns q2, q3, q4 (mean .4667) and
+    # its negative queries q0, q1 score .8 and .1: hardest -> .2 + .8 - .4667, random -> that or 0
+    s = torch.tensor([[1.0, 0.8], [1.0, 0.1], [-1.0, 0.9], [-1.0, 0.5], [-1.0, 0.0]])
+    qv = torch.tensor([0, 0, 1, 1, 1])
+    hard = (0.2 + 0.8 - 1.4 / 3) / 2             # mean over the two videos (video 0's term is 0)
+    assert abs(float(Lo.triplet_loss(s, qv, 0.2, 1, hard=True)) - hard) < 1e-6
+    drawn = {round(float(Lo.triplet_loss(s, qv, 0.2, 1, g, hard=False)), 4) for _ in range(60)}
+    assert drawn == {round(hard, 4), 0.0}
+
+
+def test_hard_negative_schedule_flag():
+    cfg = LossConfig(hard_negative_start_epoch=2)
+    assert [Lo.hard_negatives_on(cfg, e) for e in (0, 1, 2, 9, None)] == [False, False, True, True, True]
+    assert Lo.hard_negatives_on(LossConfig(hard_negative_start_epoch=0), 0)
+    assert preset("tvr").loss.hard_negative_start_epoch == 20 and preset("synthetic").loss.hard_negative_start_epoch == 2
+    with pytest.raises(ValueError, match="loss.hard_negative_start_epoch must be an int >= 0"):
+        apply_overrides(preset("synthetic"), ["loss.hard_negative_start_epoch=-1"])
+
+
 def test_triplet_single_video_batch_is_zero():
     assert float(Lo.triplet_loss(torch.tensor([[0.3], [0.1]]), torch.tensor([0, 0]), 0.2, 20)) == 0.0
 
@@ -64,6 +90,33 @@ def test_refinement_by_hand():
                                torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 0.0]]]))
     wide = Lo.refine_teacher_frames(teacher, lengths, 5)
     torch.testing.assert_close(wide[0, 0], torch.tensor([2 / 3, 1 / 3]))  # frames 0..2 (3 is padding)
+
+
+def test_refined_teacher_targets_are_the_box_smoothed_curve_of_the_specification():
+    """SPEC: t~ = box-smoothing of t_i = cos(c_q, c_{v,i}) along i (window w), renormalised at the
+    video's borders and before padding; T[q, v] = max_i t~_i; the segment target is
+    softmax_i(t~_i / 0.2). Teacher frames are built so that the raw curve is t = (.9, .1, -.2, .5)
+    over 4 valid frames (a 5th, padded frame holds garbage)."""
+    t = [0.9, 0.1, -0.2, 0.5]
+    frames = torch.tensor([[[3 * x, 3 * math.sqrt(1 - x * x)] for x in t] + [[float("nan"), 7.0]]])  # any norm
+    query = torch.tensor([[2.0, 0.0]])
+    lengths = torch.tensor([4])
+    by_hand = {1: t,
+               3: [(0.9 + 0.1) / 2, (0.9 + 0.1 - 0.2) / 3, (0.1 - 0.2 + 0.5) / 3, (-0.2 + 0.5) / 2],
+               5: [(0.9 + 0.1 - 0.2) / 3, (0.9 + 0.1 - 0.2 + 0.5) / 4, (0.9 + 0.1 - 0.2 + 0.5) / 4, (0.1 - 0.2 + 0.5) / 3]}
+    for window, want in by_hand.items():
+        refined = Lo.refine_teacher_frames(frames, lengths, window)
+        curve = (F.normalize(query, dim=-1) @ refined[0].T)[0]
+        torch.testing.assert_close(curve, torch.tensor(want + [0.0]), atol=1e-6, rtol=0)
+        score = Lo.max_similarity(F.normalize(query, dim=-1), refined, lengths, normalize=False)
+        assert abs(float(score) - max(want)) < 1e-6
+        # the segment-aware target the student is pulled to: KL is 0 exactly when the student's
+        # curve equals the refined teacher curve on the valid frames (padding is ignored)
+        student = torch.tensor([want + [123.0]])
+        valid = torch.tensor([[True] * 4 + [False]])
+        assert abs(float(Lo.segment_kl(curve[None], student, valid, 0.2))) < 1e-6
+    # the window flattens a short peak: what it costs on data with short, sharp-edged moments
+    assert max(by_hand[3]) < max(by_hand[1]) and max(by_hand[5]) < max(by_hand[3])
 
 
 def test_segment_and_objective_kl_by_hand():

@@ -3,6 +3,8 @@ change any score."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,7 +41,10 @@ def test_shapes_and_every_parameter_gets_a_gradient():
     (scores * torch.randn_like(scores)).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        if "pos" not in name:  # rows of the position tables past the batch's length get no gradient
+        # rows of the position tables past the batch's length get no gradient; the attention-pooling
+        # bias adds the same value to every token's logit, which the softmax cancels: its gradient
+        # is 0 up to rounding (MS-SL's pooling layer has no bias)
+        if "pos" not in name and not name.endswith("text.pool.bias"):
             assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
 
 
@@ -117,6 +122,35 @@ def test_hsa_matches_its_formula():
         alpha = torch.softmax(hsa.gate_out(torch.tanh(hsa.gate_hidden(g))).squeeze(-1), dim=0)
         expected = x + sum(a * p for a, p in zip(alpha, phrases))
         torch.testing.assert_close(got[n, :m], expected, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_initialisation_is_ms_sl_s():
+    """Linear and Embedding weights ~ N(0, 0.02) (position tables included), biases 0, LayerNorm
+    1 / 0, the DTA bias table 0; the HSA convolutions keep torch's default."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.model.d, cfg.model.heads = 64, 4
+    model = KDCNet(cfg)
+    linear_or_embedding = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert len(linear_or_embedding) >= 20
+    weights = torch.cat([m.weight.flatten() for m in linear_or_embedding])
+    assert abs(float(weights.std()) - 0.02) < 0.001 and abs(float(weights.mean())) < 0.001
+    for m in linear_or_embedding:
+        assert float(m.weight.std()) < 0.03, m            # every one of them, not only on average
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            assert (m.bias == 0).all()
+    for name in BRANCHES:
+        branch = model.branches[name]
+        for pos in (branch.text.input.pos.weight, branch.video.input.pos.weight):
+            assert float(pos.norm(dim=1).mean()) < 0.2   # sqrt(64) * 0.02 = 0.16; torch's default gave 8
+        assert (branch.video.attn.rel_bias == 0).all()
+        convs = branch.text.hsa.convs
+        bound = 1 / math.sqrt(64 * convs[-1].kernel_size[0])           # torch's default uniform bound
+        assert float(convs[-1].weight.abs().max()) <= bound and float(convs[-1].weight.std()) > 0.5 * bound / math.sqrt(3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            assert (m.weight == 1).all() and (m.bias == 0).all()
 
 
 def test_bad_configs_and_inputs():

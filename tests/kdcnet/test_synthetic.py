@@ -13,7 +13,7 @@ import kdc_kernels as K
 from kdcnet import synthetic
 from kdcnet.data import PRVRCollection, query_batches, video_batches
 from kdcnet.synthetic import (MARKER, SyntheticConfig, add_make_synthetic_parser, default_synthetic_root,
-                              ensure_default_synthetic, make_synthetic, run_make_synthetic)
+                              ensure_default_synthetic, make_synthetic, run_make_synthetic, unseen_path)
 
 from .conftest import NAME, TINY
 
@@ -214,3 +214,119 @@ def test_moment_ratios_follow_the_chosen_distribution(small_default):
     assert abs(ratios.mean() - cfg.ratio_alpha / (cfg.ratio_alpha + cfg.ratio_beta)) < 0.03
     counts = np.histogram(ratios, bins=[0, 0.2, 0.4, 0.6, 0.8, 1.0])[0]
     assert (counts > 0).all() and counts[0] > counts[-1], counts
+
+
+# --------------------------------------------------------------------------- the unseen-events variant
+
+UNSEEN = dict(TINY, videos=24, unseen_fraction=0.5, unseen_words=6)
+
+
+@pytest.fixture(scope="module")
+def unseen_root(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("unseen"), "u", seed=5, **UNSEEN)
+
+
+def _caption_words(root, split):
+    return {line.split(" ", 1)[0]: set(line.split()[1:])
+            for line in (root / "u" / "TextData" / f"u{split}.caption.txt").read_text().splitlines()}
+
+
+def test_unseen_events_never_occur_in_train_or_val_captions(unseen_root):
+    info = json.loads((unseen_root / "u" / MARKER).read_text())
+    unseen_words = set(info["unseen_words"])
+    assert len(unseen_words) == 6
+    for split in ("train", "val"):
+        assert unseen_path(unseen_root, "u", split).read_text() == ""     # written, and empty
+        assert info["splits"][split]["unseen_captions"] == 0
+        assert all(not words & unseen_words for words in _caption_words(unseen_root, split).values())
+    test = _caption_words(unseen_root, "test")
+    marked = set(unseen_path(unseen_root, "u", "test").read_text().split())
+    assert 0 < len(marked) < len(test) and info["splits"]["test"]["unseen_captions"] == len(marked)
+    vocabulary = {w for words in test.values() for w in words} - set(synthetic._FILLER_WORDS)
+    for cap, words in test.items():          # an unseen event is spelled with unseen words only
+        concept = words & vocabulary
+        assert (concept <= unseen_words) if cap in marked else not concept & unseen_words, (cap, concept)
+
+
+def test_unseen_option_off_writes_no_ground_truth(tiny_root):
+    info = json.loads((tiny_root / NAME / MARKER).read_text())
+    assert "unseen_words" not in info and info["config"]["unseen_fraction"] == 0.0
+    assert not unseen_path(tiny_root, NAME, "test").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(unseen_fraction=1.5), "unseen_fraction must be in [0, 1]"),
+    (dict(unseen_fraction=0.3, unseen_words=62), "unseen_words must be between phrase_len (3) and vocab_size"),
+    (dict(unseen_fraction=0.3, unseen_words=2), "unseen_words must be between"),
+])
+def test_bad_unseen_options(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")
+                       .replace("]", "\\]")):
+        make_synthetic(tmp_path, "c", **options)
+
+
+def test_the_teacher_knows_the_unseen_events(tmp_path):
+    """Unseen words lie in the teacher's subspace: zero-shot, it finds their videos at least as
+    well as the others' (the student never saw a caption with them)."""
+    root = make_synthetic(tmp_path, "s", seed=0, videos=240, unseen_fraction=0.5)
+    data, vb, qb = _test_split(root)
+    marked = set(unseen_path(root, "s", "test").read_text().split())
+    unseen = torch.tensor([c in marked for c in data.cap_ids])
+    _, top = K.max_similarity_topk(qb.teacher_queries, vb.teacher_videos, vb.video_lengths, k=len(data.video_ids))
+    rank = (top == qb.query_video[:, None]).float().argmax(1) + 1
+    r1 = {name: float((rank[keep] == 1).float().mean()) * 100 for name, keep in (("unseen", unseen), ("seen", ~unseen))}
+    assert r1["unseen"] > 10 * 100 / len(data.video_ids) and r1["unseen"] >= r1["seen"] - 5, r1
+
+
+def test_unseen_report_matches_the_evaluator(unseen_root, tmp_path, capsys):
+    """The 'all' rows of the unseen/seen report are the evaluator's test metrics; the subsets add up."""
+    from kdcnet import config as C
+    from kdcnet import trainer
+
+    from .conftest import TINY_READ
+
+    cfg = C.preset("synthetic")
+    cfg.data.root, cfg.data.collection = str(unseen_root), "u"
+    cfg.data.max_frames, cfg.data.max_tokens = TINY_READ["max_frames"], TINY_READ["max_tokens"]
+    cfg.model.d, cfg.model.heads, cfg.train.epochs, cfg.train.batch_size, cfg.train.plots = 16, 2, 1, 4, False
+    result = trainer.train(cfg, tmp_path / "run", progress=False, console=False)
+    rows = {(r["scorer"], r["captions"]): r for r in synthetic.unseen_report(tmp_path / "run")}
+    assert rows["KDC-Net", "all"]["SumR"] == pytest.approx(result["SumR"], abs=1e-9)
+    for name in ("inheritance", "exploration"):
+        assert rows[f"{name} branch", "all"]["R@1"] == pytest.approx(result["branches"][name]["R@1"], abs=1e-9)
+    n_unseen, n_seen = rows["KDC-Net", "unseen"]["queries"], rows["KDC-Net", "seen"]["queries"]
+    assert n_unseen + n_seen == result["num_queries"] and n_unseen > 0
+    r1 = (n_unseen * rows["KDC-Net", "unseen"]["R@1"] + n_seen * rows["KDC-Net", "seen"]["R@1"]) / result["num_queries"]
+    assert r1 == pytest.approx(result["R@1"], abs=1e-9)
+    assert synthetic._report_main(["unseen", str(tmp_path / "run")]) == 0
+    assert "teacher (zero-shot)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unseen.txt is missing"):
+        synthetic.unseen_report(_trained_without_unseen(tmp_path))
+
+
+def _trained_without_unseen(tmp_path):
+    """A run folder whose collection was made without unseen events (only its config is read)."""
+    from kdcnet import config as C
+
+    root = make_synthetic(tmp_path / "plain", NAME, seed=3, **TINY)
+    run = tmp_path / "plain-run"
+    run.mkdir()
+    cfg = C.preset("synthetic")
+    cfg.data.root, cfg.data.collection = str(root), NAME
+    C.save(cfg, run / "config.json")
+    return run
+
+
+def test_teacher_report_window_one_is_the_plain_teacher(tiny_root, capsys):
+    rows = synthetic.teacher_report(tiny_root, NAME, "test", (1, 3), max_frames=16)
+    data = PRVRCollection(tiny_root, NAME, "test", max_frames=16)
+    vb, qb = next(video_batches(data, 10 ** 6)), next(query_batches(data, 10 ** 6))
+    from kdcnet import metrics as M
+
+    plain = M.retrieval_metrics(K.max_similarity(qb.teacher_queries, vb.teacher_videos, vb.video_lengths),
+                                qb.query_video)
+    assert rows[0]["krd_window"] == 1 and rows[0]["SumR"] == pytest.approx(plain["SumR"])
+    assert 0 < rows[0]["target % in moment"] <= 100 and rows[1]["krd_window"] == 3
+    assert synthetic._report_main(["teacher", "--data-root", str(tiny_root), "--collection", NAME,
+                                   "--max-frames", "16", "--windows", "1", "3"]) == 0
+    assert "target % in moment" in capsys.readouterr().out
