@@ -61,15 +61,24 @@ def data_location(cfg: Config) -> tuple[Path, str]:
 
 
 def open_split(cfg: Config, split: str, teacher: bool = False):
-    """The :class:`kdcnet.data.PRVRCollection` of one split as ``cfg`` describes it."""
+    """The :class:`kdcnet.data.PRVRCollection` of one split as ``cfg`` describes it, with its
+    prepared cache attached (built on first use) unless ``data.prepared`` is false."""
     from .data import PRESET_VISUAL_FEATURE, PRVRCollection
+    from .prepared import resolve_dtype
 
     root, collection = data_location(cfg)
     visual = cfg.data.visual_feature or (PRESET_VISUAL_FEATURE.get(cfg.preset) if cfg.data.root else None)
     if visual is not None and not (root / collection / "FeatureData" / visual).is_dir() and not cfg.data.visual_feature:
         visual = None  # the preset's folder is absent: fall back to the only BigFile folder
-    return PRVRCollection(root, collection, split, visual_feature=visual, max_frames=cfg.data.max_frames,
+    data = PRVRCollection(root, collection, split, visual_feature=visual, max_frames=cfg.data.max_frames,
                           max_tokens=cfg.data.max_tokens, teacher=teacher)
+    if cfg.data.prepared:
+        try:
+            data.prepare(cfg.data.cache_dir, resolve_dtype(cfg.data.cache_dtype, cfg.train.device, cfg.train.bf16))
+        except BaseException:
+            data.close()
+            raise
+    return data
 
 
 def autocast(cfg: Config, device: torch.device):
