@@ -81,13 +81,13 @@ def _from_items(data: PRVRCollection, videos: np.ndarray, queries: np.ndarray, q
 
 
 def make_batch(data: PRVRCollection, videos: Sequence[int], queries: Sequence[int], query_video: Sequence[int],
-               pin_memory: bool = False) -> Batch:
+               pin_memory: bool = False, buffers=None) -> Batch:
     """The batch of ``videos`` and ``queries`` (indices into ``video_ids`` / ``cap_ids``), from the
-    prepared arrays when ``data`` has them (``pin_memory``: into page-locked memory), else from
-    the items."""
+    prepared arrays when ``data`` has them (``pin_memory``: into page-locked memory; ``buffers``:
+    into a :class:`kdcnet.prepared.BufferRing`), else from the items."""
     videos, queries, query_video = (np.array(x, dtype=np.int64).reshape(-1) for x in (videos, queries, query_video))
     if data.prepared is not None:
-        return data.prepared.batch(videos, queries, query_video, pin_memory=pin_memory)
+        return data.prepared.batch(videos, queries, query_video, pin_memory=pin_memory, buffers=buffers)
     return _from_items(data, videos, queries, query_video)
 
 
@@ -146,13 +146,14 @@ def train_plan(collection: PRVRCollection, batch_size: int, *, seed: int, epoch:
 
 
 def train_batches(collection: PRVRCollection, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-                  drop_last: bool = False, video_subset=None, pin_memory: bool = False) -> Iterator[Batch]:
+                  drop_last: bool = False, video_subset=None, pin_memory: bool = False, buffers=None) -> Iterator[Batch]:
     """Batches of ``batch_size`` videos with **all** their captions, each video once per epoch.
 
     The video order is ``np.random.default_rng((seed, epoch)).permutation`` of the videos (or of
     ``video_subset``) when ``shuffle``, else their index order; queries follow their videos in
     caption-file order. ``pin_memory``: assemble prepared batches in page-locked memory (for
-    asynchronous copies to a GPU).
+    asynchronous copies to a GPU); ``buffers``: in the recycled slots of a
+    :class:`kdcnet.prepared.BufferRing` (each batch valid until the ring wraps around).
 
     Example:
         >>> for batch in train_batches(data, 128, seed=0, epoch=3):
@@ -160,7 +161,7 @@ def train_batches(collection: PRVRCollection, batch_size: int, *, seed: int, epo
     """
     for videos, queries, query_video in train_plan(collection, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
                                                    drop_last=drop_last, video_subset=video_subset):
-        yield make_batch(collection, videos, queries, query_video, pin_memory=pin_memory)
+        yield make_batch(collection, videos, queries, query_video, pin_memory=pin_memory, buffers=buffers)
 
 
 def video_batches(collection: PRVRCollection, batch_size: int, video_subset=None) -> Iterator[Batch]:

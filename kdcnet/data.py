@@ -67,7 +67,8 @@ _EPS = 1e-12
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows of ``x`` divided by ``max(|row|, 1e-12)``, float32."""
     x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _EPS)
+    with np.errstate(invalid="ignore", over="ignore"):     # non-finite input is reported by the item check
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _EPS)
 
 
 def bin_edges(n: int, max_frames: int) -> np.ndarray:
@@ -80,7 +81,8 @@ def interval_means(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``out[k] = mean(x[lo[k]:hi[k]])`` (float64 prefix sums; intervals non-empty, may overlap)."""
     csum = np.zeros((x.shape[0] + 1, x.shape[1]), dtype=np.float64)
     np.cumsum(x, axis=0, dtype=np.float64, out=csum[1:])
-    return ((csum[hi] - csum[lo]) / (hi - lo)[:, None]).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return ((csum[hi] - csum[lo]) / (hi - lo)[:, None]).astype(np.float32)
 
 
 def bin_average(x: np.ndarray, max_frames: int) -> np.ndarray:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .batches import Batch, train_batches
+from .prepared import BufferRing
 
 log = logging.getLogger("kdcnet")
 T = TypeVar("T")
@@ -177,11 +178,18 @@ def epoch_batches(collection, cfg, device: torch.device, videos: np.ndarray) -> 
     """The training batches of one epoch on ``device``, float32: runs of ``train.batch_size`` of
     ``videos`` (this process's order, e.g. :func:`kdcnet.distributed.epoch_videos`), each with all
     its captions, made where the module doc says. Close it (``contextlib.closing``) to stop its
-    thread early."""
+    thread early.
+
+    On the CPU the feature tensors of a batch live in recycled memory: they are valid until the
+    next batch is requested (a training step is done with them by then); copy what you keep."""
     on_device = place_train_split(collection, cfg, device)
-    pinned = device.type == "cuda" and not on_device and collection.prepared is not None
+    host = collection.prepared is not None and not on_device
+    pinned = host and device.type == "cuda"
+    # On the CPU a batch is used where it is made: recycle its memory once the consumer has moved
+    # on (at most `prefetch` batches wait in the queue, one is being made, one is in use).
+    ring = BufferRing(cfg.data.prefetch + 2) if host and device.type == "cpu" else None
     batches = train_batches(collection, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=False,
-                            video_subset=videos, pin_memory=pinned)
+                            video_subset=videos, pin_memory=pinned, buffers=ring)
     if on_device:
         return _on_device(batches, device)
     return copy_ahead(prefetch(batches, cfg.data.prefetch), device)
