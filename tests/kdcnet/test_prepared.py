@@ -323,3 +323,69 @@ def test_non_finite_tokens_beyond_max_tokens_do_not_matter(tiny_copy, tmp_path):
     prepared = _open(tiny_copy).prepare(tmp_path)
     j = data.cap_ids.index(key)
     assert np.isfinite(prepared.query(j)).all() and len(prepared.query(j)) == TINY_READ["max_tokens"]
+
+
+# --------------------------------------------------------------------------- kdcnet prepare
+
+
+def test_prepare_command_builds_what_training_reads(tiny_root, tmp_path, capsys):
+    from kdcnet import cli
+    from kdcnet import evaluate as E
+
+    argv = ["prepare", "--data-root", str(tiny_root), "--collection", NAME, "--device", "cpu",
+            "--set", f"data.max_frames={TINY_READ['max_frames']}", "--set", f"data.max_tokens={TINY_READ['max_tokens']}",
+            "--set", f"data.cache_dir={tmp_path}"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["train", "val", "test"] and all("built" in x for x in lines)
+    assert cli.main(argv) == 0
+    assert all("up to date" in x for x in capsys.readouterr().out.strip().splitlines())
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["train", *argv[1:]]))
+    for split, teacher in (("train", cfg.loss.distill), ("val", False), ("test", False)):  # what the trainer opens
+        with E.open_split(cfg, split, teacher=teacher) as data:
+            assert not data.prepared.built and data.prepared.folder.parent == tmp_path
+    assert cli.main([*argv, "--splits", "train,dev"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "--splits: expected train, val or test, got 'dev'" in err
+
+
+def test_prepare_command_names_a_non_finite_feature(tiny_copy, tmp_path, capsys):
+    from kdcnet import cli
+
+    with _open(tiny_copy, "val") as data:
+        vid = data.video_ids[0]
+    path, row, frame, dim = _frame_row(tiny_copy, vid, 0)
+    mm = np.memmap(path, dtype="<f4", mode="r+")
+    mm[row * dim] = np.inf
+    mm.flush()
+    del mm
+    assert cli.main(["prepare", "--data-root", str(tiny_copy), "--collection", NAME, "--splits", "val",
+                     "--set", f"data.cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()     # the log's "preparing ..." line, then the error
+    last = err.splitlines()[-1]
+    assert last.startswith("kdcnet prepare: error:") and "Traceback" not in err
+    assert f"feature.bin: video '{vid}', frame '{frame}'" in last and "an infinity" in last
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_training_on_a_nan_feature_stops_naming_it(tiny_copy, tmp_path, capsys, prepared):
+    """Found when the split is prepared (before the run folder exists), or without a prepared cache
+    when the batch holding it is loaded: one line naming the file and the video, exit code 2."""
+    from kdcnet import cli
+
+    with _open(tiny_copy) as data:
+        vid = data.video_ids[1]
+    path, row, frame, dim = _frame_row(tiny_copy, vid, 2)
+    mm = np.memmap(path, dtype="<f4", mode="r+")
+    mm[row * dim + 1] = np.nan
+    mm.flush()
+    del mm
+    run = tmp_path / "run"
+    argv = ["train", "--data-root", str(tiny_copy), "--collection", NAME, "--epochs", "1", "--device", "cpu",
+            "--run-dir", str(run), "--set", f"data.max_frames={TINY_READ['max_frames']}", "--set", "model.d=16",
+            "--set", "model.heads=2", "--set", f"data.prepared={str(prepared).lower()}", "--set", "train.plots=false"]
+    assert cli.main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("kdcnet train: error:") and f"feature.bin: video '{vid}', frame '{frame}'" in last
+    assert "NaN in the features" in last
+    assert run.exists() is not prepared
