@@ -185,14 +185,23 @@ def epoch_batches(collection, cfg, device: torch.device, videos: np.ndarray) -> 
     on_device = place_train_split(collection, cfg, device)
     host = collection.prepared is not None and not on_device
     pinned = host and device.type == "cuda"
-    # On the CPU a batch is used where it is made: recycle its memory once the consumer has moved
-    # on (at most `prefetch` batches wait in the queue, one is being made, one is in use).
-    ring = BufferRing(cfg.data.prefetch + 2) if host and device.type == "cpu" else None
+    ring = _ring(collection, cfg.data.prefetch + 2) if host and device.type == "cpu" else None
     batches = train_batches(collection, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, shuffle=False,
                             video_subset=videos, pin_memory=pinned, buffers=ring)
     if on_device:
         return _on_device(batches, device)
     return copy_ahead(prefetch(batches, cfg.data.prefetch), device)
+
+
+def _ring(collection, slots: int) -> BufferRing:
+    """The collection's recycled host buffers, kept from epoch to epoch. On the CPU a batch is used
+    where it is made, so its memory can be reused once the consumer has moved on: at most
+    ``prefetch`` batches wait in the queue, one is being made and one is in use (an epoch's
+    iterator is closed, its thread joined, before the next epoch's starts)."""
+    ring = getattr(collection, "_buffer_ring", None)
+    if ring is None or ring.slots != slots:
+        ring = collection._buffer_ring = BufferRing(slots)
+    return ring
 
 
 def _on_device(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:

@@ -295,6 +295,7 @@ class BufferRing:
     def __init__(self, slots: int):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots!r}")
+        self.slots = slots
         self._slots: list[dict[str, torch.Tensor]] = [{} for _ in range(slots)]
         self._made = 0
         self._slot = self._slots[0]
