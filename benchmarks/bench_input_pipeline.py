@@ -143,14 +143,14 @@ def main(argv=None) -> Path:
     parser.add_argument("--work", default=None,
                         help="where the synthetic collection is kept (default: $KDC_CACHE_DIR/bench-input)")
     parser.add_argument("--smoke", action="store_true", help="a small collection and batches of 8: seconds, for tests")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default 3; smoke 1)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default 5; smoke 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="videos per batch (default 128; smoke 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--step-reps", type=int, default=3, help="timed model steps (after one warm-up)")
+    parser.add_argument("--step-reps", type=int, default=2, help="timed model steps (after one warm-up)")
     parser.add_argument("--out", default="runs/bench", help="output folder (JSON, markdown)")
     args = parser.parse_args(argv)
     args.work = args.work or str(Path(os.environ.get("KDC_CACHE_DIR", "~/.cache/kdcnet")).expanduser() / "bench-input")
-    epochs = args.epochs or (1 if args.smoke else 3)
+    epochs = args.epochs or (1 if args.smoke else 5)
     batch_size = args.batch_size or (8 if args.smoke else 128)
     device = torch.device(args.device)
 

@@ -239,18 +239,19 @@ class PreparedSplit:
     def _gather(self, name: str, index: np.ndarray, pin_memory: bool, buffers: "BufferRing | None") -> torch.Tensor:
         """``array[index]``: rows of ``name`` at ``index`` (any shape) -> ``[*index.shape, D]``."""
         a = self.arrays[name]
-        if isinstance(a, torch.Tensor):
-            idx = torch.from_numpy(index.reshape(-1)).to(a.device, non_blocking=True)
-            return a.index_select(0, idx).view(*index.shape, a.shape[1])
-        src, shape = self._host_tensors[name], (index.size, a.shape[1])
+        flat = torch.from_numpy(index.reshape(-1))
+        if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+            return a.index_select(0, flat.to(a.device, non_blocking=True)).view(*index.shape, a.shape[1])
+        src = a if isinstance(a, torch.Tensor) else self._host_tensors[name]   # tensors held on the CPU, or the maps
+        shape, dtype = (index.size, src.shape[1]), src.numpy().dtype
         if pin_memory:   # page-locked (torch recycles these blocks), for an asynchronous copy to the GPU
             out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
         elif buffers is not None:
-            out = buffers.take(name, shape, a.dtype)
+            out = buffers.take(name, shape, dtype)
         else:            # NumPy puts large arrays on huge pages: far fewer page faults than torch.empty
-            out = torch.from_numpy(np.empty(shape, dtype=a.dtype))
-        torch.index_select(src, 0, torch.from_numpy(index.reshape(-1)), out=out)
-        return out.view(*index.shape, a.shape[1])
+            out = torch.from_numpy(np.empty(shape, dtype=dtype))
+        torch.index_select(src, 0, flat, out=out)
+        return out.view(*index.shape, shape[1])
 
     def _padded(self, name: str, offsets: np.ndarray, items: np.ndarray, pin_memory: bool, buffers):
         """Items ``items`` of ``name`` zero-padded to the longest: ``([n, L, D], lengths [n])``."""
