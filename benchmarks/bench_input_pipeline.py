@@ -15,7 +15,8 @@ Paths (one row each; ``ratio`` is batches/s over the old path's, measured in the
                          normalised, one HDF5 read per caption, every epoch; cold = its files
                          dropped from the page cache first (``posix_fadvise``, this process's
                          files only), warm = read again
-  prepare                building the prepared cache (what the first run over a collection pays)
+  prepare                building the prepared cache from cold source files (what the first run
+                         over a collection pays)
   prepared, cold / warm  ``train_batches`` over the prepared memory maps, fresh memory per batch
   loader                 the trainer's path, :func:`kdcnet.loader.epoch_batches`: recycled memory
                          and a prefetch thread on the CPU; page-locked memory and copies one batch
@@ -91,9 +92,14 @@ def check_batch(got, want, dtype: str, what: str) -> None:
             raise AssertionError(f"{what}: {name} differs from the old path's batch")
 
 
-def timed(batches_of_epoch, epochs: int, device: torch.device, step_s: float = 0.0) -> dict:
-    """Wall and CPU seconds to consume ``epochs`` epochs of ``batches_of_epoch(epoch)``; with
-    ``step_s`` the consumer sleeps that long per batch (a step on an accelerator)."""
+def timed(batches_of_epoch, epochs: int, device: torch.device, step_s: float = 0.0, warmup: int = 0) -> dict:
+    """Wall and CPU seconds to consume ``epochs`` epochs of ``batches_of_epoch(epoch)`` after
+    ``warmup`` untimed ones; with ``step_s`` the consumer sleeps that long per batch (a step on an
+    accelerator)."""
+    for epoch in range(warmup):
+        with contextlib.closing(batches_of_epoch(epoch)) as batches:
+            for _ in batches:
+                pass
     n = 0
     wall, cpu = time.perf_counter(), time.process_time()
     for epoch in range(epochs):
@@ -146,7 +152,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default 5; smoke 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="videos per batch (default 128; smoke 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--step-reps", type=int, default=2, help="timed model steps (after one warm-up)")
+    parser.add_argument("--step-reps", type=int, default=None,
+                        help="timed model steps after one warm-up (default: 10 on a GPU, 1 on a CPU)")
     parser.add_argument("--out", default="runs/bench", help="output folder (JSON, markdown)")
     args = parser.parse_args(argv)
     args.work = args.work or str(Path(os.environ.get("KDC_CACHE_DIR", "~/.cache/kdcnet")).expanduser() / "bench-input")
@@ -198,13 +205,15 @@ def main(argv=None) -> Path:
             r["ratio"] = r["batches_per_s"] / base
 
         for dtype in ("float32", "float16"):
-            # ---- preparation, then the memory maps cold and warm
+            # ---- preparation (source files dropped from the page cache first), then the maps cold and warm
+            evict(sources)
             t0, c0 = time.perf_counter(), time.process_time()
             data = PRVRCollection(root, name, "train", **read).prepare(cache, dtype=dtype)
             store = data.prepared
             row("prepare", dtype, {"seconds": round(time.perf_counter() - t0, 3),
                                    "cpu_ms": 1e3 * (time.process_time() - c0)},
-                note=f"{store.nbytes / 1e9:.3f} GB on disk, {len(data.video_ids)} videos, {len(data.cap_ids)} captions",
+                note=f"sources cold; {store.nbytes / 1e9:.3f} GB on disk, {len(data.video_ids)} videos, "
+                     f"{len(data.cap_ids)} captions",
                 cache_bytes=store.nbytes)
             files = [store.folder / f"{k}.npy" for k in store.arrays]
             data.close()
@@ -222,19 +231,21 @@ def main(argv=None) -> Path:
                 r = row(label, dtype, timed(prepared_batches, n, device))
                 r["ratio"] = r["batches_per_s"] / base
 
-            # ---- the trainer's path, with and without the thread, idle and busy consumer
-            load_rate = None
-            for prefetch in (2, 0):
+            # ---- the trainer's path, in the calling thread and ahead of it, idle and busy consumer
+            loaders = {}
+            for prefetch in (0, 2):
                 c = C.apply_overrides(cfg, [f"data.prefetch={prefetch}", "data.on_device=false"])
 
                 def loader_batches(epoch, c=c):
                     return epoch_batches(data, c, device, plan(epoch))
 
+                loaders[prefetch] = loader_batches
                 check_batch(next(loader_batches(0)), want, dtype, f"loader {dtype}")
-                r = row(f"loader, prefetch={prefetch}", dtype, timed(loader_batches, epochs, device))
+                r = row(f"loader, prefetch={prefetch}", dtype, timed(loader_batches, epochs, device, warmup=1),
+                        note="after one untimed epoch (buffers allocated)")
                 r["ratio"] = r["batches_per_s"] / base
-                load_rate = load_rate or r["batches_per_s"]
-                step_s = 1.0 / load_rate
+            step_s = 1.0 / rows[-2]["batches_per_s"]        # as long as one batch takes in the calling thread
+            for prefetch, loader_batches in loaders.items():
                 r = row(f"loader, prefetch={prefetch}, busy step", dtype,
                         timed(loader_batches, epochs, device, step_s=step_s), note=f"step {1e3 * step_s:.0f} ms (slept)")
                 r["ratio"] = r["batches_per_s"] / base
@@ -254,7 +265,7 @@ def main(argv=None) -> Path:
                     return epoch_batches(held, c, device, plan(epoch))
 
                 check_batch(next(device_batches(0)), want, dtype, f"on-device {dtype}")
-                r = row("on-device", dtype, timed(device_batches, epochs, device),
+                r = row("on-device", dtype, timed(device_batches, epochs, device, warmup=1),
                         note=f"held in {moved:.1f} s")
                 r["ratio"] = r["batches_per_s"] / base
             held.close()
@@ -265,7 +276,7 @@ def main(argv=None) -> Path:
         # ---- the model's step, on the same device
         step_cfg = C.apply_overrides(cfg, [f"model.visual_dim={want.videos.shape[-1]}",
                                            f"model.text_dim={want.queries.shape[-1]}"])
-        ms = model_step_ms(step_cfg, want, device, args.step_reps)
+        ms = model_step_ms(step_cfg, want, device, args.step_reps or (10 if device.type == "cuda" else 1))
         row("model step", "float32", {"batches": 1, "seconds": ms / 1e3, "batches_per_s": 1e3 / ms},
             note=f"{cfg.preset} preset, d={cfg.model.d}, {device}")
     finally:

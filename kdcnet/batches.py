@@ -50,7 +50,11 @@ class Batch:
             if x is None:
                 return None
             x = x.to(device, non_blocking=non_blocking)
-            return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
+            if not x.is_floating_point() or x.dtype == torch.float32:
+                return x
+            if x.device.type == "cpu":   # NumPy's allocation: huge pages, far fewer page faults (kdcnet.prepared)
+                return torch.from_numpy(np.empty(tuple(x.shape), dtype=np.float32)).copy_(x)
+            return x.float()
 
         return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
 

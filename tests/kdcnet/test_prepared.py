@@ -130,6 +130,21 @@ def test_float16_cache_is_the_rounded_float32_one(tiny_root, tmp_path):
     assert f16.video(0).dtype == np.float32
 
 
+def test_float16_storage_moves_bf16_autocast_inputs_by_at_most_one_ulp(tiny_root, tmp_path):
+    """Where ``auto`` picks float16 (a GPU under bf16 autocast) the first layer sees bf16 of the
+    float16 value instead of bf16 of the float32 one: the same number, or one bf16 step away
+    (double rounding), or, below float16's range, a difference under 2^-24."""
+    batch = next(train_batches(_open(tiny_root).prepare(tmp_path), 6, seed=0, epoch=0))
+    changed = total = 0
+    for name in ("videos", "queries", "teacher_videos", "teacher_queries"):
+        x = getattr(batch, name)
+        direct, via16 = x.bfloat16().float(), x.half().bfloat16().float()
+        step = torch.where(direct != 0, 2.0 ** (torch.floor(torch.log2(direct.abs())) - 7), torch.zeros_like(direct))
+        assert bool(((direct - via16).abs() <= step + 2.0**-24).all()), name
+        changed, total = changed + int((direct != via16).sum()), total + x.numel()
+    assert 0 < changed < total // 4       # some values move (double rounding), most do not
+
+
 # --------------------------------------------------------------------------- key and rebuilds
 
 
