@@ -75,6 +75,8 @@ def open_split(cfg: Config, split: str, teacher: bool = False):
     if cfg.data.prepared:
         try:
             data.prepare(cfg.data.cache_dir, resolve_dtype(cfg.data.cache_dtype, cfg.train.device, cfg.train.bf16))
+        except OSError as err:  # no room or no permission: slower, not wrong
+            log.warning("%s; reading the %s split from its source files instead", err, split)
         except BaseException:
             data.close()
             raise

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from kdcnet import config as C
 from kdcnet import prepared as P
 from kdcnet.batches import Batch, train_plan
 from kdcnet.data import DataError, PRVRCollection, query_batches, train_batches, video_batches
@@ -263,11 +264,18 @@ def test_concurrent_processes_build_once(tiny_root, tmp_path):
     assert not _open(tiny_root).prepare(tmp_path / "cache").prepared.built
 
 
-def test_unwritable_cache_folder_is_named(tiny_root, tmp_path):
+def test_unwritable_cache_folder_is_named_and_open_split_reads_the_files(tiny_root, tmp_path, caplog):
+    from kdcnet import evaluate as E
+
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(OSError, match=re.escape(str(blocker / "sub")) + ".*data.cache_dir"):
         _open(tiny_root).prepare(blocker / "sub")
+    cfg = C.preset("synthetic")
+    cfg.data.root, cfg.data.collection, cfg.data.cache_dir = str(tiny_root), NAME, str(blocker / "sub")
+    with E.open_split(cfg, "val") as data:          # slower, not wrong: the source files, with a warning
+        assert data.prepared is None and len(data.video_ids) == 3
+    assert "reading the val split from its source files instead" in caplog.text
 
 
 def test_default_cache_folder_follows_kdc_cache_dir(tmp_path, monkeypatch):
