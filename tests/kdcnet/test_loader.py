@@ -178,9 +178,10 @@ def test_placement_rules_on_the_cpu(tiny_root, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["false", "true"])
+@pytest.mark.parametrize("mode", ["false", "auto", "true"])
 def test_epoch_batches_on_a_gpu_are_the_plain_batches(tiny_root, tmp_path, mode):
-    """Host path (page-locked memory, copies one batch ahead on a side stream) and on-device path."""
+    """Host path (page-locked memory, copies one batch ahead on a side stream) and on-device path
+    (auto: the tiny split fits)."""
     cfg = _cfg(cache_dir=str(tmp_path), on_device=mode)
     device = torch.device("cuda")
     data = _open(tiny_root).prepare(tmp_path, "float16")
@@ -194,7 +195,7 @@ def test_epoch_batches_on_a_gpu_are_the_plain_batches(tiny_root, tmp_path, mode)
         for name in ("videos", "queries", "teacher_videos", "teacher_queries"):
             setattr(a, name, getattr(a, name).half().float())
         assert_same_batch(a, b)
-    assert (data.prepared.device is not None) == (mode == "true")
+    assert (data.prepared.device is not None) == (mode != "false")
     with pytest.raises(ValueError, match="data.device_share"):
         L.place_train_split(_open(tiny_root).prepare(tmp_path, "float16"),
                             _cfg(on_device="true", device_share=1e-12), device)
