@@ -65,7 +65,6 @@ log = logging.getLogger("kdcnet")
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
 _PADDED = ("videos", "teacher_videos", "queries")   # arrays with a trailing zero row
 
 
@@ -172,19 +171,19 @@ class PreparedSplit:
             index = json.loads((folder / "index.json").read_text())
         except (OSError, ValueError):
             index = None
-        reason = _why_stale(index, key)
-        if reason is not None:
-            return None, reason
         try:
+            reason = _why_stale(index, key)
+            if reason is not None:
+                return None, reason
             arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r").view(np.ndarray)
                       for name in index["arrays"]}
             voff = np.load(folder / "video_offsets.npy")
             qoff = np.load(folder / "query_offsets.npy")
-        except (OSError, ValueError) as e:
-            return None, f"it cannot be read ({e})"
-        for name, spec in index["arrays"].items():
-            if list(arrays[name].shape) != spec["shape"] or str(arrays[name].dtype) != spec["dtype"]:
-                return None, f"{name}.npy has shape {arrays[name].shape} {arrays[name].dtype}, index.json says {spec}"
+            for name, spec in index["arrays"].items():
+                if list(arrays[name].shape) != spec["shape"] or str(arrays[name].dtype) != spec["dtype"]:
+                    return None, f"{name}.npy is {arrays[name].shape} {arrays[name].dtype}, index.json says {spec}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return None, f"it cannot be read ({type(e).__name__}: {e})"
         want_v = np.minimum(np.diff(collection._offsets), collection.max_frames)
         if (len(voff) != len(collection.video_ids) + 1 or len(qoff) != len(collection.cap_ids) + 1
                 or not np.array_equal(np.diff(voff), want_v) or voff[-1] + 1 != len(arrays["videos"])

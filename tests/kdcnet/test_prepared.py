@@ -173,7 +173,7 @@ def test_cache_is_reused_and_rebuilt_when_a_source_or_setting_changes(tiny_copy,
         {b.name for b in builds})                                          # no temporary or old folders left
 
 
-@pytest.mark.parametrize("damage", ["truncate", "no index", "bad index", "other shape"])
+@pytest.mark.parametrize("damage", ["truncate", "no index", "bad index", "index a list", "other shape"])
 def test_damaged_cache_is_rebuilt(tiny_root, tmp_path, monkeypatch, damage):
     builds = _count_builds(monkeypatch)
     folder = _open(tiny_root).prepare(tmp_path).prepared.folder
@@ -184,6 +184,8 @@ def test_damaged_cache_is_rebuilt(tiny_root, tmp_path, monkeypatch, damage):
         (folder / "index.json").unlink()
     elif damage == "bad index":
         (folder / "index.json").write_text("{not json")
+    elif damage == "index a list":
+        (folder / "index.json").write_text("[1, 2]")
     else:
         np.save(folder / "queries.npy", np.zeros((3, 16), np.float32))
     data = _open(tiny_root).prepare(tmp_path)
