@@ -28,8 +28,9 @@ Paths (one row each; ``ratio`` is batches/s over the old path's, measured in the
   model step             ``kdcnet.trainer.train_step`` of the preset's model on one batch, same device
 
 Each timed path's first batch is checked against the old path's (equal, or its float16 rounding)
-before it is timed. ``cpu_ms`` is CPU time per batch (all threads of this process): on a shared
-machine it says what a batch costs when the wall-clock rate says what the machine gave.
+before it is timed. ``batches_per_s`` is over all timed epochs, ``epoch_median_per_s`` the median
+of the per-epoch rates; ``cpu_ms`` is CPU time per batch (all threads of this process): on a shared
+machine it says what a batch costs when the wall-clock rates say what the machine gave.
 
 Usage:
     python benchmarks/bench_input_pipeline.py [--out DIR] [--epochs 3] [--device cpu|cuda]
@@ -43,6 +44,7 @@ import contextlib
 import gc
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -64,7 +66,7 @@ TVR = dict(videos=800, min_frames=64, max_frames=128, visual_dim=3072, text_dim=
            min_captions=5, max_captions=5)
 SMOKE = dict(videos=40, min_frames=8, max_frames=24, visual_dim=48, text_dim=24, teacher_dim=16, latent_dim=8,
              min_captions=2, max_captions=3)
-COLUMNS = ["path", "dtype", "batches", "seconds", "batches_per_s", "cpu_ms", "ratio", "note"]
+COLUMNS = ["path", "dtype", "batches", "seconds", "batches_per_s", "epoch_median_per_s", "cpu_ms", "ratio", "note"]
 FEATURES = ("videos", "queries", "teacher_videos", "teacher_queries")
 
 
@@ -100,17 +102,20 @@ def timed(batches_of_epoch, epochs: int, device: torch.device, step_s: float = 0
         with contextlib.closing(batches_of_epoch(epoch)) as batches:
             for _ in batches:
                 pass
-    n = 0
+    n, rates = 0, []
     wall, cpu = time.perf_counter(), time.process_time()
     for epoch in range(epochs):
+        t0, n0 = time.perf_counter(), n
         with contextlib.closing(batches_of_epoch(epoch)) as batches:
             for _ in batches:
                 n += 1
                 if step_s:
                     time.sleep(step_s)
         common.sync(device)
+        rates.append((n - n0) / (time.perf_counter() - t0))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"batches": n, "seconds": round(wall, 3), "batches_per_s": n / wall, "cpu_ms": 1e3 * cpu / max(n, 1)}
+    return {"batches": n, "seconds": round(wall, 3), "batches_per_s": n / wall,
+            "epoch_median_per_s": statistics.median(rates), "cpu_ms": 1e3 * cpu / max(n, 1)}
 
 
 def collection_for(args) -> tuple[Path, str]:
