@@ -221,13 +221,12 @@ class PRVRCollection:
         self._open_teacher(teacher, first_cap)
 
     def close(self) -> None:
-        """Close the HDF5 files and drop the memory maps (reading again reopens them)."""
+        """Close the HDF5 files and drop the memory map of ``feature.bin`` (reading again reopens
+        them). The prepared arrays stay: read-only maps, released with the collection."""
         for h5 in (self._text, self._teacher_video, self._teacher_query):
             if h5 is not None:
                 h5.close()
         self._features = self._features_pid = None
-        if self.prepared is not None:
-            self.prepared.close()
 
     def source_files(self) -> list[Path]:
         """Every file whose content this split's items are computed from (the prepared cache's key)."""

@@ -205,10 +205,6 @@ class PreparedSplit:
             arrays[name] = out
         return PreparedSplit(self.folder, self.index, arrays, self.video_offsets, self.query_offsets, device)
 
-    def close(self) -> None:
-        """Drop the arrays (memory maps close when no batch refers to them any more)."""
-        self.arrays, self._host_tensors = {}, {}
-
     def __getstate__(self):
         return {"folder": self.folder, "index": self.index, "video_offsets": self.video_offsets,
                 "query_offsets": self.query_offsets}
