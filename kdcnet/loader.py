@@ -148,8 +148,7 @@ def place_train_split(collection, cfg, device: torch.device) -> bool:
         return False
     if store.device is not None:
         return store.device == device
-    decided = getattr(collection, "_host_decided", None)
-    if decided is not None:
+    if getattr(collection, "_host_decided", False):
         return False
     need = store.nbytes
     if device.type == "cuda":
