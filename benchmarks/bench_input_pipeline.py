@@ -158,7 +158,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--batch-size", type=int, default=None, help="videos per batch (default 128; smoke 8)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--step-reps", type=int, default=None,
-                        help="timed model steps after one warm-up (default: 10 on a GPU, 1 on a CPU)")
+                        help="timed model steps after one warm-up (default: 10 on a GPU, 1 on a CPU; 0: no step)")
+    parser.add_argument("--dtypes", default="float32,float16", help="prepared-cache dtypes to measure")
     parser.add_argument("--out", default="runs/bench", help="output folder (JSON, markdown)")
     args = parser.parse_args(argv)
     args.work = args.work or str(Path(os.environ.get("KDC_CACHE_DIR", "~/.cache/kdcnet")).expanduser() / "bench-input")
@@ -209,7 +210,7 @@ def main(argv=None) -> Path:
         for r in (cold, warm):
             r["ratio"] = r["batches_per_s"] / base
 
-        for dtype in ("float32", "float16"):
+        for dtype in args.dtypes.split(","):
             # ---- preparation (source files dropped from the page cache first), then the maps cold and warm
             evict(sources)
             t0, c0 = time.perf_counter(), time.process_time()
@@ -279,24 +280,30 @@ def main(argv=None) -> Path:
             gc.collect()
 
         # ---- the model's step, on the same device
-        step_cfg = C.apply_overrides(cfg, [f"model.visual_dim={want.videos.shape[-1]}",
-                                           f"model.text_dim={want.queries.shape[-1]}"])
-        ms = model_step_ms(step_cfg, want, device, args.step_reps or (10 if device.type == "cuda" else 1))
-        row("model step", "float32", {"batches": 1, "seconds": ms / 1e3, "batches_per_s": 1e3 / ms},
-            note=f"{cfg.preset} preset, d={cfg.model.d}, {device}")
+        reps = (10 if device.type == "cuda" else 1) if args.step_reps is None else args.step_reps
+        if reps > 0:
+            step_cfg = C.apply_overrides(cfg, [f"model.visual_dim={want.videos.shape[-1]}",
+                                               f"model.text_dim={want.queries.shape[-1]}"])
+            ms = model_step_ms(step_cfg, want, device, reps)
+            row("model step", "float32", {"batches": 1, "seconds": ms / 1e3, "batches_per_s": 1e3 / ms},
+                note=f"{cfg.preset} preset, d={cfg.model.d}, {device}")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
     env["load_after"] = round(os.getloadavg()[0], 2)
-    default_dtype = "float16" if device.type == "cuda" else "float32"
+    dtype = "float16" if device.type == "cuda" and "float16" in args.dtypes else args.dtypes.split(",")[0]
     path = "on-device" if device.type == "cuda" else "loader, prefetch=2"
-    feed = next((r for r in rows if r["path"] == path and r["dtype"] == default_dtype and r.get("batches_per_s")),
-                next(r for r in rows if r["path"] == "loader, prefetch=2" and r["dtype"] == default_dtype))
-    step = rows[-1]["batches_per_s"]
-    bound = "the model step (compute-bound)" if feed["batches_per_s"] >= step else "the input (input-bound)"
-    verdict = (f"training here is bound by {bound}: the trainer's input path ({path}, {default_dtype}) makes "
-               f"{feed['batches_per_s']:.1f} batches/s, the model steps at {step:.2f}/s "
-               f"(load average {env['load_before']} before, {env['load_after']} after, {os.cpu_count()} CPUs)")
+    feed = next((r for r in rows if r["path"] == path and r["dtype"] == dtype and r.get("batches_per_s")),
+                next(r for r in rows if r["path"] == "loader, prefetch=2" and r["dtype"] == dtype))
+    load = f"load average {env['load_before']} before, {env['load_after']} after, {os.cpu_count()} CPUs"
+    if rows[-1]["path"] != "model step":
+        verdict = (f"the trainer's input path ({feed['path']}, {dtype}) makes {feed['batches_per_s']:.1f} batches/s; "
+                   f"the model step was not timed ({load})")
+    else:
+        step = rows[-1]["batches_per_s"]
+        bound = "the model step (compute-bound)" if feed["batches_per_s"] >= step else "the input (input-bound)"
+        verdict = (f"training here is bound by {bound}: the trainer's input path ({feed['path']}, {dtype}) makes "
+                   f"{feed['batches_per_s']:.1f} batches/s, the model steps at {step:.2f}/s ({load})")
     print(verdict, flush=True)
     env["verdict"] = verdict
     out = common.write_results("input_pipeline", args.out, env, rows, COLUMNS)
