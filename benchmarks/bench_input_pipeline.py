@@ -50,11 +50,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# Before torch loads OpenMP, as the kdcnet command does: spinning worker threads would steal the
+# loading thread's core on a small machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `kdcnet` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks import common  # noqa: E402
 from kdcnet import config as C  # noqa: E402

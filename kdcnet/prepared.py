@@ -55,7 +55,6 @@ import re
 import secrets
 import shutil
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +64,7 @@ log = logging.getLogger("kdcnet")
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _PADDED = ("videos", "teacher_videos", "queries")   # arrays with a trailing zero row
 
 
@@ -141,11 +141,6 @@ class PreparedSplit:
         self.query_offsets = query_offsets
         self.device = device                     # None: host memory maps
         self.built = False                       # whether prepare_split built it (else it was up to date)
-        self._host_tensors: dict[str, torch.Tensor] = {}
-        if device is None:
-            with warnings.catch_warnings():      # torch never writes through these views
-                warnings.simplefilter("ignore")
-                self._host_tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
 
     @property
     def dtype(self) -> str:
@@ -198,7 +193,7 @@ class PreparedSplit:
         arrays = {}
         for name, a in self.arrays.items():
             a = a if isinstance(a, np.ndarray) else a.cpu().numpy()
-            out = torch.empty(a.shape, dtype=torch.from_numpy(np.empty(0, a.dtype)).dtype, device=device)
+            out = torch.empty(a.shape, dtype=_TORCH_DTYPES[a.dtype.name], device=device)
             step = max(1, (256 << 20) // max(1, a[:1].nbytes))
             for start in range(0, len(a), step):
                 out[start:start + step].copy_(torch.from_numpy(np.array(a[start:start + step])))
@@ -234,18 +229,22 @@ class PreparedSplit:
     def _gather(self, name: str, index: np.ndarray, pin_memory: bool, buffers: "BufferRing | None") -> torch.Tensor:
         """``array[index]``: rows of ``name`` at ``index`` (any shape) -> ``[*index.shape, D]``."""
         a = self.arrays[name]
-        flat = torch.from_numpy(index.reshape(-1))
-        if isinstance(a, torch.Tensor) and a.device.type != "cpu":
-            return a.index_select(0, flat.to(a.device, non_blocking=True)).view(*index.shape, a.shape[1])
-        src = a if isinstance(a, torch.Tensor) else self._host_tensors[name]   # tensors held on the CPU, or the maps
-        shape, dtype = (index.size, src.shape[1]), src.numpy().dtype
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu":
+                idx = torch.from_numpy(index.reshape(-1)).to(a.device, non_blocking=True)
+                return a.index_select(0, idx).view(*index.shape, a.shape[1])
+            a = a.numpy()                  # held on the CPU: gathered like the memory maps
+        shape = (index.size, a.shape[1])
         if pin_memory:   # page-locked (torch recycles these blocks), for an asynchronous copy to the GPU
-            out = torch.empty(shape, dtype=src.dtype, pin_memory=True)
+            out = torch.empty(shape, dtype=_TORCH_DTYPES[a.dtype.name], pin_memory=True)
         elif buffers is not None:
-            out = buffers.take(name, shape, dtype)
+            out = buffers.take(name, shape, a.dtype)
         else:            # NumPy puts large arrays on huge pages: far fewer page faults than torch.empty
-            out = torch.from_numpy(np.empty(shape, dtype=dtype))
-        torch.index_select(src, 0, flat, out=out)
+            out = torch.from_numpy(np.empty(shape, dtype=a.dtype))
+        # One thread, no OpenMP team: on a busy machine a team's barrier waits for descheduled
+        # workers, and the loading thread must not compete with the step's threads. "clip" makes
+        # NumPy write straight into `out` (the indices are in range by construction).
+        np.take(a, index.reshape(-1), axis=0, out=out.numpy(), mode="clip")
         return out.view(*index.shape, shape[1])
 
     def _padded(self, name: str, offsets: np.ndarray, items: np.ndarray, pin_memory: bool, buffers):
