@@ -442,6 +442,7 @@ class PRVRCollection:
         state = dict(self.__dict__)
         state["_features"] = state["_features_pid"] = None
         state["_cache"], state["_cached_bytes"] = {}, 0
+        state.pop("_buffer_ring", None)      # the loader's recycled batch memory (kdcnet.loader)
         return state
 
     def __repr__(self) -> str:
