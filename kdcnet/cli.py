@@ -7,6 +7,7 @@
     torchrun --nproc_per_node 8 -m kdcnet train --preset tvr --data-root ROOT --gather   # 8 GPUs
     kdcnet eval --run RUN_DIR --split test
     kdcnet make-synthetic --out DIR --collection NAME
+    kdcnet prepare --preset tvr --data-root ROOT   # build the prepared caches now (training does it on first use)
 
 Bad arguments, bad data, a bad checkpoint and a run folder in use by another process end with one
 line on stderr and exit code 2 (see README, "Failure behaviour").
@@ -56,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdcnet", description=__doc__, formatter_class=_Formatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,make-synthetic}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,prepare,make-synthetic}", required=True)
 
     t = sub.add_parser("train", help="train KDC-Net (default: built-in synthetic data), then evaluate on test",
                        description="Train KDC-Net, early-stop on validation SumR, evaluate the best checkpoint "
@@ -110,6 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint")
     e.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the run's device setting)")
     e.add_argument("--impl", choices=IMPLS, default=None, help="kdc_kernels implementation (default: the run's)")
+
+    p = sub.add_parser("prepare", help="build the prepared caches of a collection's splits (training does it "
+                                       "on first use)",
+                       description="Read every video and caption of the splits a training run uses once, check it, "
+                                   "and write it as training consumes it (binned, normalised, teacher on the frame "
+                                   "grid, queries truncated) into contiguous arrays under data.cache_dir. A cache that "
+                                   "matches the source files and settings is reused; one that does not is rebuilt. "
+                                   "Pass the same preset, data flags and --set values as the training run.",
+                       formatter_class=_Formatter)
+    p.add_argument("--preset", choices=C.PRESETS, default=None, help="hyper-parameter preset (default: synthetic)")
+    p.add_argument("--data-root", metavar="ROOT", default=None,
+                   help="folder holding <collection>/ (default: the built-in synthetic collection)")
+    p.add_argument("--collection", metavar="NAME", default=None, help="collection name (default: the preset's name)")
+    p.add_argument("--visual-feature", metavar="NAME", default=None,
+                   help="BigFile folder under FeatureData/ (default: as kdcnet train chooses it)")
+    p.add_argument("--device", default=None,
+                   help="the device training will use; with data.cache_dtype=auto it chooses float16 for cuda "
+                        "(default: auto = cuda if available)")
+    p.add_argument("--splits", metavar="SPLIT[,SPLIT]", default=None,
+                   help="comma-separated splits (default: the ones training reads: train, data.val_split, "
+                        "data.test_split)")
+    p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help="config overrides as for kdcnet train, e.g. --set data.cache_dir=/scratch/kdc "
+                        "--set data.max_frames=64 (default: none)")
+    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="tqdm progress bars (auto: only on a terminal)")
 
     from .synthetic import add_make_synthetic_parser
 
@@ -216,6 +243,33 @@ def run_ablation(cfg: C.Config, run_dir: str | None, progress: bool | None) -> i
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from . import evaluate as E
+
+    flags = [f"{key}={value}" for key, value in (
+        ("data.root", args.data_root), ("data.collection", args.collection),
+        ("data.visual_feature", args.visual_feature), ("train.device", args.device)) if value is not None]
+    cfg = C.apply_overrides(C.preset(args.preset or "synthetic"), flags + list(args.overrides))
+    if not cfg.data.prepared:
+        raise ValueError("--set data.prepared=false: there is nothing to prepare")
+    from .prepared import resolve_dtype
+
+    splits = args.splits.split(",") if args.splits else ["train", cfg.data.val_split, cfg.data.test_split]
+    unprepared = C.apply_overrides(cfg, ["data.prepared=false"])  # opened so, then prepared with --progress
+    for split in dict.fromkeys(s.strip() for s in splits):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"--splits: expected train, val or test, got {split!r}")
+        t0 = time.perf_counter()
+        with E.open_split(unprepared, split, teacher=split == "train" and cfg.loss.distill) as data:
+            data.prepare(cfg.data.cache_dir, resolve_dtype(cfg.data.cache_dtype, cfg.train.device, cfg.train.bf16),
+                         progress=_progress(args))
+            store = data.prepared
+            _say(f"{split}: {len(data.video_ids)} videos, {len(data.cap_ids)} captions, "
+                 f"{store.nbytes / 1e9:.3f} GB {store.dtype} in {store.folder} "
+                 f"({'built' if store.built else 'up to date'}, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import evaluate as E
     from . import trainer
@@ -249,6 +303,8 @@ def main(argv=None) -> int:
                 return cmd_train(args)
             if args.command == "eval":
                 return cmd_eval(args)
+            if args.command == "prepare":
+                return cmd_prepare(args)
             from .synthetic import run_make_synthetic
 
             return run_make_synthetic(args)

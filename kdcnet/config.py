@@ -30,6 +30,8 @@ from pathlib import Path
 IMPL_CHOICES = (None, "auto", "reference", "triton", "cuda")
 WINDOW_CHOICES = ("adaptive", "fixed", "none")
 KD_SCHEDULES = ("exponential", "linear", "constant")
+CACHE_DTYPES = ("auto", "float32", "float16")
+ON_DEVICE_CHOICES = ("auto", "true", "false")
 PRESETS = ("synthetic", "tvr", "activitynet", "charades")
 
 
@@ -42,6 +44,12 @@ class DataConfig:
     max_tokens: int = 30  # tokens per query
     val_split: str = "val"  # split used for early stopping (e.g. "test" when a collection has no val)
     test_split: str = "test"  # split evaluated at the end of training
+    prepared: bool = True  # read every split from its prepared cache (built on first use); false: the source files
+    cache_dir: str | None = None  # folder of the prepared caches; None: $KDC_CACHE_DIR/prepared
+    cache_dtype: str = "auto"  # auto (float16 on a GPU under bf16 autocast, else float32) | float32 | float16
+    prefetch: int = 2  # training batches assembled ahead of the step in a background thread; 0: none
+    on_device: str = "auto"  # auto | true | false: hold the prepared train split on the training device
+    device_share: float = 0.5  # largest share of the free GPU memory the on-device train split may take
 
 
 @dataclass
@@ -180,6 +188,12 @@ def validate(cfg: Config) -> Config:
         _check(value >= 1, key, "an int >= 1", value)
     for key, value in (("data.val_split", d.val_split), ("data.test_split", d.test_split)):
         _check(value in ("train", "val", "test"), key, "train, val or test", value)
+    _check(d.cache_dtype in CACHE_DTYPES, "data.cache_dtype", f"one of {CACHE_DTYPES}", d.cache_dtype)
+    _check(d.prefetch >= 0, "data.prefetch", "an int >= 0 (0: no background loading)", d.prefetch)
+    _check(d.on_device in ON_DEVICE_CHOICES, "data.on_device", f"one of {ON_DEVICE_CHOICES}", d.on_device)
+    _check(d.on_device != "true" or d.prepared, "data.on_device", "auto or false with data.prepared=false "
+           "(only a prepared split can be held on the device)", d.on_device)
+    _check(0.0 < d.device_share <= 1.0, "data.device_share", "in (0, 1]", d.device_share)
     _check(e.k >= 100, "eval.k", "an int >= 100 (R@100 needs the top 100)", e.k)
     _check(m.d % m.heads == 0, "model.d", f"divisible by model.heads ({m.heads})", m.d)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)

@@ -71,16 +71,35 @@ def data_location(cfg: Config) -> tuple[Path, str]:
     return Path(cfg.data.root), cfg.collection
 
 
-def open_split(cfg: Config, split: str, teacher: bool = False):
-    """The :class:`kdcnet.data.PRVRCollection` of one split as ``cfg`` describes it."""
+def open_split(cfg: Config, split: str, teacher: bool = False, prepare: bool = True):
+    """The :class:`kdcnet.data.PRVRCollection` of one split as ``cfg`` describes it, with its
+    prepared cache attached (built on first use) unless ``data.prepared`` is false or ``prepare``
+    is (then :func:`attach_prepared` attaches it later)."""
     from .data import PRESET_VISUAL_FEATURE, PRVRCollection
 
     root, collection = data_location(cfg)
     visual = cfg.data.visual_feature or (PRESET_VISUAL_FEATURE.get(cfg.preset) if cfg.data.root else None)
     if visual is not None and not (root / collection / "FeatureData" / visual).is_dir() and not cfg.data.visual_feature:
         visual = None  # the preset's folder is absent: fall back to the only BigFile folder
-    return PRVRCollection(root, collection, split, visual_feature=visual, max_frames=cfg.data.max_frames,
+    data = PRVRCollection(root, collection, split, visual_feature=visual, max_frames=cfg.data.max_frames,
                           max_tokens=cfg.data.max_tokens, teacher=teacher)
+    return attach_prepared(cfg, data, split) if prepare else data
+
+
+def attach_prepared(cfg: Config, data, split: str):
+    """Attach the prepared cache of ``data`` (building it on first use) unless ``data.prepared`` is
+    false; a cache that cannot be written falls back to the source files with a warning."""
+    from .prepared import resolve_dtype
+
+    if cfg.data.prepared:
+        try:
+            data.prepare(cfg.data.cache_dir, resolve_dtype(cfg.data.cache_dtype, cfg.train.device, cfg.train.bf16))
+        except OSError as err:  # no room or no permission: slower, not wrong
+            log.warning("%s; reading the %s split from its source files instead", err, split)
+        except BaseException:
+            data.close()
+            raise
+    return data
 
 
 def autocast(cfg: Config, device: torch.device):

@@ -86,20 +86,20 @@ class Splits:
 
 
 def open_splits(cfg: C.Config) -> Splits:
-    """Open and check every split the run uses (see :func:`check_feature_shapes`); a split named
-    twice (e.g. ``data.val_split=test``) is opened once."""
-    opened = {("train", cfg.loss.distill): E.open_split(cfg, "train", teacher=cfg.loss.distill)}
+    """Open and check every split the run uses (see :func:`check_feature_shapes`), then attach
+    their prepared caches (built on first use: only once every split has passed its checks); a
+    split named twice (e.g. ``data.val_split=test``) is opened once."""
+    opened = {("train", cfg.loss.distill): E.open_split(cfg, "train", teacher=cfg.loss.distill, prepare=False)}
     for split in (cfg.data.val_split, cfg.data.test_split):
-        if split == "train":
-            opened.setdefault(("train", False), E.open_split(cfg, "train"))
-        else:
-            opened.setdefault((split, False), E.open_split(cfg, split))
+        opened.setdefault((split, False), E.open_split(cfg, split, prepare=False))
     train_set = opened[("train", cfg.loss.distill)]
     for data in opened.values():
         if data.text_dim != train_set.text_dim:  # one file, but each split reads the size from its first caption
             raise DataError(f"{text_feature_path(data.root, data.collection)}: key {data.cap_ids[0]!r}: "
                             f"{data.text_dim} features per token, but the train split's have {train_set.text_dim}")
         check_feature_shapes(data)
+    for (split, _), data in opened.items():
+        E.attach_prepared(cfg, data, split)
     return Splits(train_set, opened[(cfg.data.val_split, False)], opened[(cfg.data.test_split, False)])
 
 

@@ -410,7 +410,7 @@ def train_step(model: KDCNet, encoder, batch, optimizer, scheduler, cfg: C.Confi
 
 
 def _train_epoch(loop: Loop, epoch: int) -> dict:
-    from .data import train_batches
+    from .loader import epoch_batches
 
     model, encoder, optimizer, scheduler = loop.model, loop.encoder, loop.optimizer, loop.scheduler
     train_set, val_set, cfg, device, world = loop.data.train, loop.data.val, loop.cfg, loop.device, loop.world
@@ -430,13 +430,14 @@ def _train_epoch(loop: Loop, epoch: int) -> dict:
     sums = {key: torch.zeros((), device=device) for key in (*LOSS_TERMS, "total")}  # no per-step GPU sync
     steps = 0
     videos = D.epoch_videos(len(train_set.video_ids), t.batch_size, t.seed, epoch, world)
-    batches = train_batches(train_set, t.batch_size, seed=t.seed, epoch=epoch, shuffle=False, video_subset=videos)
+    batches = epoch_batches(train_set, cfg, device, videos)  # on `device`, made ahead of the step (kdcnet.loader)
     bars = progress if world.is_main else False
-    for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", bars):
-        terms = train_step(model, encoder, batch.to(device), optimizer, scheduler, cfg, lam, generator, epoch)
-        for key in sums:
-            sums[key] += terms[key].detach().float()
-        steps += 1
+    with contextlib.closing(batches):  # stops the loading thread on an error or Ctrl-C
+        for batch in _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{t.epochs}", bars):
+            terms = train_step(model, encoder, batch, optimizer, scheduler, cfg, lam, generator, epoch)
+            for key in sums:
+                sums[key] += terms[key].detach().float()
+            steps += 1
     state.step += steps
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # steps/s of finished work, not of queued kernels

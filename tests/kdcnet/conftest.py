@@ -16,6 +16,16 @@ TINY_READ = dict(max_frames=16, max_tokens=8)
 NAME = "tiny"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Prepared caches (kdcnet.prepared) and generated collections go to a temporary folder, never
+    to the user's ~/.cache (subprocesses inherit it)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KDC_CACHE_DIR", str(tmp_path_factory.mktemp("kdc-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("data"), NAME, seed=3, **TINY)

@@ -25,7 +25,7 @@ def _subparsers(parser):
 def test_help_lists_every_option_with_its_default(capsys):
     parser = cli.build_parser()
     subs = _subparsers(parser)
-    assert set(subs) == {"train", "eval", "make-synthetic"}
+    assert set(subs) == {"train", "eval", "prepare", "make-synthetic"}
     for name, sub in subs.items():
         text = sub.format_help()
         for action in sub._actions:
