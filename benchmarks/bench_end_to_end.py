@@ -4,8 +4,8 @@ preset's shapes, ``--impl reference`` against ``--impl auto``, in one run on the
 Data: a TVR-shaped synthetic collection (``kdcnet make-synthetic``: visual features 3072-d, query
 tokens 768-d, CLIP-like teacher 512-d, 64-128 frames and 5 captions per video, as TVR has), made
 once per run in a temporary folder (``--work DIR`` keeps it there and reuses it when its options
-match), then prepared (the prepared cache every training run reads; timed, as the first run over a
-collection pays it).
+match), then prepared (the prepared cache every training run reads; built afresh and timed, as the
+first run over a collection pays it). Run folders and caches go under the same folder.
 
 Per impl, in this order (reference, then auto), each the package's own code:
 
@@ -290,9 +290,11 @@ def main(argv=None) -> Path:
                               batch_videos=first.train.batch_size, max_frames=first.data.max_frames,
                               max_tokens=first.data.max_tokens, epochs=sizes["epochs"], warmup_epochs=1,
                               bf16_autocast=device.type == "cuda" and first.train.bf16))
+        shutil.rmtree(work / "prepared", ignore_errors=True)  # built afresh: what a first run pays
         emit(prepare(first))
         for impl in impls:
             cfg = config(root, name, impl, device, sizes["epochs"], work / "prepared", mode)
+            shutil.rmtree(work / "runs" / impl, ignore_errors=True)  # this benchmark's run folder of the last time
             run_impl(impl, cfg, work / "runs" / impl, device, args.eval_reps, emit)
             gc.collect()
             if device.type == "cuda":
