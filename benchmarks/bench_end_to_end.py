@@ -11,7 +11,9 @@ Per impl, in this order (reference, then auto), each the package's own code:
 
   train   ``kdcnet.trainer.train`` with the ``tvr`` preset (batches of 128 videos with their 640
           captions, d = 384, 4 heads, bf16 autocast on CUDA, the prepared split on the device when it
-          fits), ``--epochs`` epochs. The first epoch is the warm-up (Triton compiles, cuBLAS/cuDNN
+          fits), ``--epochs`` epochs, hard triplet negatives from the first epoch
+          (``loss.hard_negative_start_epoch=0``: the steps of epochs 20-100 of a TVR run, most of
+          it, rather than the random negatives of its first 20). The first epoch is the warm-up (Triton compiles, cuBLAS/cuDNN
           initialisation, placing the split on the GPU) and is reported apart; ``steps_per_s`` is
           the median of the later epochs' rates (the trainer's own per-epoch ``steps_per_s``,
           training steps only, synchronised; a later epoch that meets a new batch shape, e.g. a
@@ -115,7 +117,7 @@ def config(root: Path, name: str, impl: str, device: torch.device, epochs: int, 
     return C.apply_overrides(C.preset("tvr"), [
         f"data.root={root}", f"data.collection={name}", f"data.cache_dir={cache}", f"train.device={device}",
         f"model.impl={impl}", f"train.epochs={epochs}", "train.early_stop=0", "train.plots=false",
-        *(SMOKE_MODEL if mode == "smoke" else [])])
+        "loss.hard_negative_start_epoch=0", *(SMOKE_MODEL if mode == "smoke" else [])])
 
 
 def prepare(cfg) -> dict:
@@ -289,6 +291,7 @@ def main(argv=None) -> Path:
                    model=dict(preset="tvr", d=first.model.d, heads=first.model.heads,
                               batch_videos=first.train.batch_size, max_frames=first.data.max_frames,
                               max_tokens=first.data.max_tokens, epochs=sizes["epochs"], warmup_epochs=1,
+                              negatives="hard from the first epoch (loss.hard_negative_start_epoch=0)",
                               bf16_autocast=device.type == "cuda" and first.train.bf16))
         shutil.rmtree(work / "prepared", ignore_errors=True)  # built afresh: what a first run pays
         emit(prepare(first))
