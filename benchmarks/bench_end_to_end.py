@@ -26,7 +26,8 @@ Per impl, in this order (reference, then auto), each the package's own code:
           split's shapes: checkpoint load and any compiles included).
 
 Every row is printed as a ``ROW {json}`` line the moment it is measured (a run cut by a time limit
-keeps what it measured), then a markdown table with the ratios auto / reference; JSON and
+keeps what it measured; an impl that fails gets an ``error`` row, the other still runs, and the
+exit code is 1), then a markdown table with the ratios auto / reference; JSON and
 markdown go to ``--out`` (``end_to_end.json``, ``end_to_end.md``) with the GPU, versions, commit,
 what ``auto`` picks for each op, and the data shapes.
 
@@ -53,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 # Before torch loads OpenMP, as the kdcnet command does (see README, "CPU speed note").
@@ -280,7 +282,7 @@ def main(argv=None) -> Path:
 
     print(f"end to end on {device} ({env.get('gpu') or env.get('cpu')}), {mode} mode, impls {', '.join(impls)}; "
           f"work folder {work}", flush=True)
-    interrupted = False
+    interrupted, failed = False, []
     try:
         root, name, options, gen = collection(work, mode, sizes, args.seed)
         emit(gen)
@@ -298,7 +300,13 @@ def main(argv=None) -> Path:
         for impl in impls:
             cfg = config(root, name, impl, device, sizes["epochs"], work / "prepared", mode)
             shutil.rmtree(work / "runs" / impl, ignore_errors=True)  # this benchmark's run folder of the last time
-            run_impl(impl, cfg, work / "runs" / impl, device, args.eval_reps, emit)
+            try:
+                run_impl(impl, cfg, work / "runs" / impl, device, args.eval_reps, emit)
+            except Exception as err:  # noqa: BLE001 - reported, and the other impl still runs
+                traceback.print_exc()
+                failed.append(impl)
+                emit({"stage": "error", "impl": impl,
+                      "error": f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"})
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -308,12 +316,12 @@ def main(argv=None) -> Path:
     finally:
         if temp:
             shutil.rmtree(work, ignore_errors=True)
-    env["interrupted"] = interrupted
+    env["interrupted"], env["failed"] = interrupted, failed
     table = summary(rows)
     md = write(Path(args.out), env, rows, table)
     print(common.markdown_table(table, SUMMARY_COLUMNS))
-    if interrupted:
-        sys.exit(130)
+    if interrupted or failed:
+        sys.exit(130 if interrupted else 1)
     return md
 
 
