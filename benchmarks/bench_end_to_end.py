@@ -13,12 +13,14 @@ Per impl, in this order (reference, then auto), each the package's own code:
           captions, d = 384, 4 heads, bf16 autocast on CUDA, the prepared split on the device when it
           fits), ``--epochs`` epochs, hard triplet negatives from the first epoch
           (``loss.hard_negative_start_epoch=0``: the steps of epochs 20-100 of a TVR run, most of
-          it, rather than the random negatives of its first 20). The first epoch is the warm-up (Triton compiles, cuBLAS/cuDNN
-          initialisation, placing the split on the GPU) and is reported apart; ``steps_per_s`` is
-          the median of the later epochs' rates (the trainer's own per-epoch ``steps_per_s``,
-          training steps only, synchronised; a later epoch that meets a new batch shape, e.g. a
-          shorter longest video, compiles again, and the median keeps that one epoch out),
-          ``steps_per_s_all`` all later steps over their time.
+          it, rather than the random negatives of its first 20). The first epoch is the warm-up
+          (Triton compiles, cuBLAS/cuDNN initialisation, placing the split on the GPU) and is
+          reported apart; ``steps_per_s`` is the median of the later epochs' rates (the trainer's
+          own per-epoch ``steps_per_s``: training steps only, synchronised at the epoch's end; a
+          later epoch that meets a new batch shape, e.g. a shorter longest video, compiles again,
+          and the median keeps one such epoch out), ``steps_per_s_all`` all later steps over
+          their time; ``wall_s`` is the whole trainer call (checks, every epoch with its validation
+          and checkpoints, the final test evaluation).
   eval    a full evaluation of the test split with the trained model (``kdcnet.evaluate.evaluate``:
           encode every video and query of both branches, score, fused and per-branch top-100
           ranking, recalls): ``seconds`` is the median of ``--eval-reps`` warm runs (synchronised);
@@ -100,6 +102,8 @@ def collection(work: Path, mode: str, sizes: dict, seed: int) -> tuple[Path, str
         info = json.loads(marker.read_text())
         if info.get("seed") == seed and all(info["config"].get(k) == v for k, v in options.items()):
             return work, name, options, dict(row, seconds=0.0, note=f"reused {work / name}")
+    print(f"generating {total} videos ({sizes['train']} train, {sizes['val']} val, {sizes['test']} test) into "
+          f"{work / name}", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     make_synthetic(work, name, seed=seed, overwrite=True, **options)
     seconds = time.perf_counter() - t0
@@ -261,6 +265,8 @@ def main(argv=None) -> Path:
                                     ("epochs", args.epochs)) if v is not None})
     if sizes["epochs"] < 2:
         parser.error("--epochs must be >= 2 (the first epoch is the warm-up)")
+    if args.eval_reps < 1 or min(sizes["train"], sizes["test"]) < 1:
+        parser.error("--eval-reps, --train-videos and --test-videos must be >= 1")
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     if not impls or any(i not in ("reference", "auto", "triton", "cuda") for i in impls):
         parser.error(f"--impls: expected a comma-separated list of reference, auto, triton, cuda; got {args.impls!r}")
@@ -296,8 +302,11 @@ def main(argv=None) -> Path:
                               negatives="hard from the first epoch (loss.hard_negative_start_epoch=0)",
                               bf16_autocast=device.type == "cuda" and first.train.bf16))
         shutil.rmtree(work / "prepared", ignore_errors=True)  # built afresh: what a first run pays
+        print("preparing the train, val and test splits", flush=True)
         emit(prepare(first))
         for impl in impls:
+            print(f"== --impl {impl}: {sizes['epochs']} epochs (the first a warm-up), then {args.eval_reps} "
+                  f"evaluations of the test split", flush=True)
             cfg = config(root, name, impl, device, sizes["epochs"], work / "prepared", mode)
             shutil.rmtree(work / "runs" / impl, ignore_errors=True)  # this benchmark's run folder of the last time
             try:
