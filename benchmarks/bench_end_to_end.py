@@ -35,8 +35,9 @@ what ``auto`` picks for each op, and the data shapes.
 
 Sizes (videos train / val / test, epochs): default 2048 / 128 / 2179 (TVR's test split: 10,895
 queries), 4 epochs; ``--quick`` 512 / 32 / 384, 4 epochs, sized to finish in about 100 s on an
-H200 machine including data generation on its CPU; ``--quick`` also pins one Triton configuration
-per kernel (``KDC_AUTOTUNE=0`` unless set). On a CPU (no GPU) it runs a smoke mode instead: a tiny
+H200 machine including data generation on its CPU (an estimate from this data's generation and
+preparation times on a 2-core CPU, 24 s and 3 s; not yet run on a GPU); ``--quick`` also pins one
+Triton configuration per kernel (``KDC_AUTOTUNE=0`` unless set). On a CPU (no GPU) it runs a smoke mode instead: a tiny
 collection and model (d = 16), 2 epochs of 3 steps, both impls, in seconds (a test runs it; on CPU
 tensors ``auto`` is the reference, so the two rows time the same code).
 
@@ -259,7 +260,7 @@ def main(argv=None) -> Path:
     device = torch.device(args.device)
     mode = "smoke" if args.smoke or device.type != "cuda" else "quick" if args.quick else "full"
     if args.quick:
-        os.environ.setdefault("KDC_AUTOTUNE", "0")  # before kdc_kernels is imported (by kdcnet.trainer)
+        os.environ.setdefault("KDC_AUTOTUNE", "0")  # one pinned Triton configuration per kernel: no tuning runs
     sizes = dict(SIZES[mode])
     sizes.update({k: v for k, v in (("train", args.train_videos), ("test", args.test_videos),
                                     ("epochs", args.epochs)) if v is not None})
