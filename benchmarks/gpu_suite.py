@@ -16,6 +16,9 @@ memcheck             90 s  ``compute-sanitizer --tool memcheck`` on the ``saniti
 bench-max-similarity 100 s ``bench_max_similarity.py --quick``
 bench-windowed-attention 120 s ``bench_windowed_attention.py --quick``
 bench-cuda-kernels   75 s  ``bench_cuda_kernels.py --quick`` (CUDA beside Triton)
+bench-end-to-end    110 s  ``bench_end_to_end.py --quick``: KDC-Net training steps/s and test
+                           evaluation time, ``tvr`` preset shapes, reference vs auto
+                           (``KDC_AUTOTUNE=0``; makes its TVR-shaped data on the CPU first)
 =================== ====== ===================================================================
 
 A stage that reaches its limit is interrupted gracefully: SIGINT to its whole process group
@@ -196,6 +199,8 @@ def real_stages(python: str, work: Path) -> list[Stage]:
     for name, limit in (("bench_max_similarity", 100), ("bench_windowed_attention", 120), ("bench_cuda_kernels", 75)):
         stages.append(Stage(name.replace("_", "-"), limit,
                             [python, f"benchmarks/{name}.py", "--quick", "--out", str(work / "bench")], kind="bench"))
+    stages.append(Stage("bench-end-to-end", 110, [python, "benchmarks/bench_end_to_end.py", "--quick", "--out",
+                                                  str(work / "bench")], dict(KDC_AUTOTUNE="0"), kind="bench"))
     return stages
 
 
@@ -214,7 +219,7 @@ def dry_stages(python: str, work: Path) -> list[Stage]:
     """The same stages with fake commands and short limits (no GPU, no build): plumbing only."""
     me = [python, str(Path(__file__).resolve()), "--fake-stage"]
     names = ["environment", "build", "extension", "pytest-gpu", "memcheck", "bench-max-similarity",
-             "bench-windowed-attention", "bench-cuda-kernels"]
+             "bench-windowed-attention", "bench-cuda-kernels", "bench-end-to-end"]
     stages = []
     for n in names:
         kind = "pytest" if n in ("pytest-gpu", "memcheck") else "bench" if n.startswith("bench") else "shell"

@@ -118,6 +118,32 @@ def evaluate(rows: list[dict]) -> list[dict]:
         f"floor {similarity_floor_ms(640, 128, 128, 384, backward=True):.4f} ms" + (f"; ours {train['ms']:.3f} ms" if train else ""))
     mem = (ref["peak_mib"] / train["peak_mib"]) if train and ref and train.get("peak_mib") and ref.get("peak_mib") else None
     add("max_similarity fwd+bwd 640x128x128x384: >= 10x lower peak memory than eager", _check(mem, 10.0), "-")
+    out += end_to_end(rows)
+    return out
+
+
+def end_to_end(rows: list[dict]) -> list[dict]:
+    """KDC-Net training steps/s and test-split evaluation time, auto against reference, from
+    ``bench_end_to_end.py``'s rows. The op contract sets no end-to-end target: the ratio is
+    reported, "no target" where it was measured."""
+    e2e = [r for r in rows if r.get("bench") == "bench-end-to-end"]
+
+    def of(stage, impl, key):
+        return next((r for r in e2e if r.get("stage") == stage and r.get("impl") == impl and r.get(key)), None)
+
+    out = []
+    for stage, key, what, unit in (("train", "steps_per_s", "training steps/s", "steps/s"),
+                                   ("eval", "seconds", "test-split evaluation time", "s")):
+        auto, ref = of(stage, "auto", key), of(stage, "reference", key)
+        if auto and ref:
+            ratio = auto[key] / ref[key] if stage == "train" else ref[key] / auto[key]
+            where = (f"{ref.get('steps_per_epoch')} steps/epoch after a warm-up epoch" if stage == "train"
+                     else f"{ref.get('queries')} queries x {ref.get('videos')} videos")
+            measured = f"{ratio:.2f}x (auto {auto[key]:.3g} {unit}, reference {ref[key]:.3g} {unit}; {where})"
+        else:
+            measured = "not measured"
+        out.append(dict(target=f"end to end, tvr preset: {what}, auto vs reference (no target; > 1x: auto faster)",
+                        measured=measured, predicted="-", met="no target" if auto and ref else "not measured"))
     return out
 
 
@@ -150,4 +176,10 @@ def fake_rows(bench: str) -> list[dict]:
     if bench == "bench-windowed-attention":
         return [dict(suite="prvr", shape="fake L=128", L=128, mode="fwd+bwd", impl=OURS, ms=1.0),
                 dict(suite="prvr", shape="fake L=128", L=128, mode="fwd+bwd", impl="reference", ms=3.0)]
+    if bench == "bench-end-to-end":
+        return [dict(stage="generate", videos=10, seconds=1.0),
+                dict(stage="train", impl="reference", steps_per_epoch=4, steps_per_s=10.0, step_ms=100.0),
+                dict(stage="eval", impl="reference", seconds=2.0, queries=50, videos=10, SumR=100.0),
+                dict(stage="train", impl="auto", steps_per_epoch=4, steps_per_s=25.0, step_ms=40.0),
+                dict(stage="eval", impl="auto", seconds=0.5, queries=50, videos=10, SumR=100.0)]
     return [dict(case="fake", impl="cuda", ms=1.0), dict(case="fake", impl="triton", ms=1.1)]
