@@ -99,15 +99,16 @@ def triplet_loss(scores: torch.Tensor, query_video: torch.Tensor, margin: float,
         t2v = F.relu(margin + neg - pos).mean()
     count = own.sum(dim=0)  # captions per video
     has_neg = count < nq
-    use = (count > 0) & has_neg
-    if bool(use.any()):
-        pos_v = (scores * own).sum(dim=0) / count.clamp_min(1)
-        if hard:
-            neg_v = scores.masked_fill(own, float("-inf")).amax(dim=0)
-        else:  # a uniform random query of another video: the argmax of uniform keys over the negatives
-            keys = torch.rand(nq, nv, generator=generator).to(scores.device).masked_fill(own, -1.0)
-            neg_v = scores.gather(0, keys.argmax(dim=0, keepdim=True)).squeeze(0)
-        v2t = F.relu(margin + neg_v[use] - pos_v[use]).mean()
+    use = ((count > 0) & has_neg).to(scores.dtype)  # videos with a positive and a negative query
+    # Masked sums rather than boolean indexing or `if use.any()`: no host-device sync per step.
+    pos_v = (scores * own).sum(dim=0) / count.clamp_min(1)
+    if hard:
+        neg_v = scores.masked_fill(own, float("-inf")).amax(dim=0)
+    else:  # a uniform random query of another video: the argmax of uniform keys over the negatives
+        keys = torch.rand(nq, nv, generator=generator).to(scores.device).masked_fill(own, -1.0)
+        neg_v = scores.gather(0, keys.argmax(dim=0, keepdim=True)).squeeze(0)
+    # relu(margin - inf) = 0 where a video has no negative, so masked entries add exact zeros
+    v2t = (F.relu(margin + neg_v - pos_v) * use).sum() / use.sum().clamp_min(1)
     return t2v + v2t
 
 
