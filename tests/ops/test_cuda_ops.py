@@ -283,18 +283,79 @@ def test_windowed_attention_opcheck_and_compile(backend):
     testing.assert_close(x["sigma"].grad, y["sigma"].grad, _scaled_tol(tol, y["sigma"].grad), "compiled grad sigma")
 
 
-def test_windowed_attention_binding_errors(backend):
-    q = torch.randn(1, 1, 4, 300, device=backend.device)
-    with pytest.raises(RuntimeError, match="D <= 256"):
-        torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, None, None, None, 0.1, None)
+def _bad_attention_calls(device) -> list[tuple[str, tuple, str]]:
+    """(what, arguments of kdc::cuda_windowed_attention_fwd, message pattern): one bad argument each."""
+    q = torch.randn(1, 2, 4, 8, device=device)
+    cpu = torch.randn(1, 2, 4, 8)
+    sigma = torch.rand(1, 2, 4, device=device) + 0.5
+    return [
+        ("D > 256", (torch.randn(1, 1, 4, 300, device=device),) * 3 + (None, None, None, 0.1, None), "D <= 256"),
+        ("D = 0", (torch.randn(1, 1, 4, 0, device=device),) * 3 + (None, None, None, 0.1, None), "1 <= D"),
+        ("rel_bias even", (q, q, q, torch.zeros(2, 4, device=device), None, None, 0.1, None), "rel_bias must have shape"),
+        ("rel_bias rank", (q, q, q, torch.zeros(5, device=device), None, None, 0.1, None), "rel_bias must be a 2-D"),
+        ("k dtype", (q, q.half(), q, None, None, None, 0.1, None), "k must have the same dtype"),
+        ("v shape", (q, q, q[:, :, :3], None, None, None, 0.1, None), "v must have shape"),
+        ("q rank", (q[0], q[0], q[0], None, None, None, 0.1, None), "q must be a 4-D"),
+        ("q int", (q.long(), q.long(), q.long(), None, None, None, 0.1, None), "q must have dtype"),
+        ("cutoff without sigma", (q, q, q, None, None, None, 0.1, 2.0), "cutoff needs sigma"),
+        ("cutoff <= 0", (q, q, q, None, sigma, None, 0.1, -1.0), "cutoff must be a finite number > 0"),
+        ("scale inf", (q, q, q, None, None, None, math.inf, None), "scale must be finite"),
+        ("sigma shape", (q, q, q, None, sigma[:, :1], None, 0.1, None), "sigma must have shape"),
+        ("sigma int", (q, q, q, None, sigma.long(), None, 0.1, None), "sigma must have dtype"),
+        ("lengths float", (q, q, q, None, None, torch.ones(1, device=device), 0.1, None), "integer dtype"),
+        ("lengths shape", (q, q, q, None, None, torch.ones(3, dtype=torch.long, device=device), 0.1, None),
+         "lengths must have shape"),
+        ("lengths rank", (q, q, q, None, None, torch.ones(1, 1, dtype=torch.long, device=device), 0.1, None),
+         "lengths must be a 1-D"),
+    ] + ([] if device.type == "cpu" else [
+        ("k on the CPU", (q, cpu, q, None, None, None, 0.1, None), "k must be on the same device"),
+        ("all on the CPU", (cpu, cpu, cpu, None, None, None, 0.1, None), "q must be a CUDA tensor"),
+        ("lengths on the CPU", (q, q, q, None, None, torch.ones(1, dtype=torch.long), 0.1, None),
+         "lengths must be on the same device"),
+    ])
+
+
+def _bad_similarity_calls(device) -> list[tuple[str, str, tuple, str]]:
+    """(what, op, arguments, message pattern) of kdc::cuda_max_similarity_fwd / _topk: one bad argument each."""
+    q = torch.randn(4, 8, device=device)
+    c = torch.randn(2, 3, 8, device=device)
+    return [
+        ("D mismatch", "fwd", (q, torch.randn(2, 3, 5, device=device), None, True), "embedding size D"),
+        ("k > Nv", "topk", (q, c, None, 3, True), "k must lie in"),
+        ("k = 0", "topk", (q, c, None, 0, True), "k must lie in"),
+        ("lengths shape", "fwd", (q, c, torch.tensor([1, 2, 3], device=device), True), "lengths must have shape"),
+        ("lengths bool", "fwd", (q, c, torch.tensor([True, False], device=device), True), "integer dtype"),
+        ("clips dtype", "fwd", (q, c.half(), None, True), "clips must have the same dtype"),
+        ("clips rank", "topk", (q, c[0], None, 1, True), "clips must be a 3-D"),
+        ("queries rank", "fwd", (q[0], c, None, True), "queries must be a 2-D"),
+        ("queries int", "fwd", (q.long(), c.long(), None, True), "queries must have dtype"),
+        ("L = 0", "fwd", (q, c[:, :0], None, True), "L >= 1 and D >= 1"),
+    ] + ([] if device.type == "cpu" else [
+        ("clips on the CPU", "fwd", (q, c.cpu(), None, True), "clips must be on the same device"),
+        ("all on the CPU", "topk", (q.cpu(), c.cpu(), None, 1, True), "queries must be a CUDA tensor"),
+    ])
+
+
+def _op(name: str, kernel: bool):
+    return getattr(torch.ops.kdc, name + (_ext.KERNEL_SUFFIX if kernel else ""))
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["public-op", "kernel-op"])
+def test_windowed_attention_binding_errors(backend, kernel):
+    """Every bad argument is refused with an error naming it: by the public op's Python checks, and
+    by the compiled binding's own checks for direct calls of the private op (on the GPU in a child
+    process: see test_compiled_errors_do_not_crash_gpu)."""
+    if kernel and not backend.emulated:
+        pytest.skip("checked in a child process by test_compiled_errors_do_not_crash_gpu")
+    for what, args, pattern in _bad_attention_calls(backend.device):
+        with pytest.raises(RuntimeError, match=pattern):
+            _op("cuda_windowed_attention_fwd", kernel)(*args)
     q = torch.randn(1, 2, 4, 8, device=backend.device)
-    with pytest.raises(RuntimeError, match="rel_bias must have shape"):
-        torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, torch.zeros(2, 4, device=backend.device), None, None, 0.1,
-                                                  None)
-    with pytest.raises(RuntimeError, match="k must have the same dtype"):
-        torch.ops.kdc.cuda_windowed_attention_fwd(q, q.half(), q, None, None, None, 0.1, None)
-    with pytest.raises(RuntimeError, match="cutoff needs sigma"):
-        torch.ops.kdc.cuda_windowed_attention_fwd(q, q, q, None, None, None, 0.1, 2.0)
+    out, lse = _op("cuda_windowed_attention_fwd", kernel)(q, q, q, None, None, None, 0.1, None)
+    with pytest.raises(RuntimeError, match="lse must be the forward's float32 output"):
+        _op("cuda_windowed_attention_bwd", kernel)(out, q, q, q, None, None, None, out, lse.half(), 0.1, None)
+    with pytest.raises(RuntimeError, match="grad_out must have shape"):
+        _op("cuda_windowed_attention_bwd", kernel)(out[:, :1], q, q, q, None, None, None, out, lse, 0.1, None)
 
 
 def test_sanitizer_windowed_attention(backend):
@@ -444,15 +505,22 @@ def test_max_similarity_opcheck_and_compile(backend):
                          "compiled grad clips")
 
 
-def test_max_similarity_binding_errors(backend):
-    q = torch.randn(4, 8, device=backend.device)
-    with pytest.raises(RuntimeError, match="embedding size D"):
-        torch.ops.kdc.cuda_max_similarity_fwd(q, torch.randn(2, 3, 5, device=backend.device), None, True)
-    with pytest.raises(RuntimeError, match="k must lie in"):
-        torch.ops.kdc.cuda_max_similarity_topk(q, torch.randn(2, 3, 8, device=backend.device), None, 3, True)
-    with pytest.raises(RuntimeError, match="lengths must have shape"):
-        torch.ops.kdc.cuda_max_similarity_fwd(q, torch.randn(2, 3, 8, device=backend.device),
-                                              torch.tensor([1, 2, 3], device=backend.device), True)
+@pytest.mark.parametrize("kernel", [False, True], ids=["public-op", "kernel-op"])
+def test_max_similarity_binding_errors(backend, kernel):
+    if kernel and not backend.emulated:
+        pytest.skip("checked in a child process by test_compiled_errors_do_not_crash_gpu")
+    for what, op, args, pattern in _bad_similarity_calls(backend.device):
+        with pytest.raises(RuntimeError, match=pattern):
+            _op(f"cuda_max_similarity_{op}", kernel)(*args)
+    q, c = torch.randn(4, 8, device=backend.device), torch.randn(2, 3, 8, device=backend.device)
+    score, index, qn, cn = _op("cuda_max_similarity_fwd", kernel)(q, c, None, True)
+    bwd = _op("cuda_max_similarity_bwd", kernel)
+    with pytest.raises(RuntimeError, match="index must be the forward's int64 index"):
+        bwd(score, q, c, None, index.int(), qn, cn, True)
+    with pytest.raises(RuntimeError, match="grad_score must have shape"):
+        bwd(score.t(), q, c, None, index, qn, cn, True)
+    with pytest.raises(RuntimeError, match="query_norms / clip_norms must hold"):
+        bwd(score, q, c, None, index, qn[:2], cn, True)
 
 
 def test_sanitizer_max_similarity(backend):
@@ -528,6 +596,48 @@ def test_sanitizer_topk(backend):
         args = _similarity_args(backend, 33, 270, 5, 24, "ragged", dtype=dtype, seed=33)
         scores, videos = backend.max_similarity_topk(**args, k=140)
         assert torch.isfinite(scores).all() and int(videos.min()) >= 0
+
+
+_CHILD_CHECK = r"""
+import re, sys, torch
+from kdc_kernels import _ext
+loaded, why = _ext.status()
+assert loaded, why
+from tests.ops import test_cuda_ops as t
+device = torch.device("cuda")
+calls = [(w, "cuda_windowed_attention_fwd", a, p) for w, a, p in t._bad_attention_calls(device)]
+calls += [(w, f"cuda_max_similarity_{op}", a, p) for w, op, a, p in t._bad_similarity_calls(device)]
+wrong = []
+for what, op, args, pattern in calls:
+    print("calling", op + _ext.KERNEL_SUFFIX, "with", what, flush=True)
+    try:
+        t._op(op, True)(*args)
+        wrong.append(f"{what}: no error")
+    except RuntimeError as exc:
+        if not re.search(pattern, str(exc)):
+            wrong.append(f"{what}: {str(exc)[:200]}")
+print("\n".join(wrong) or "all refused")
+sys.exit(1 if wrong else 0)
+"""
+
+
+@pytest.mark.gpu
+def test_compiled_errors_do_not_crash_gpu():
+    """The compiled bindings' own checks (direct calls of the private kdc::*_kernel ops) raise, in a
+    child process: if throwing an error out of the compiled library kills the process on this
+    machine, this test fails with the signal instead of taking the test worker down."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _CHILD_CHECK], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode >= 0, (f"the child process died with signal {-proc.returncode} while the compiled "
+                                  f"library raised an error (the public ops check in Python first):\n{tail}")
+    assert proc.returncode == 0, tail
 
 
 # --- without a GPU or the extension --------------------------------------------------------------
