@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(kThreads) max_sim_bwd_queries_kernel(const Max
   for (int d = lane; d < p.D; d += 32) acc[d] = 0.f;
   const T* cp = static_cast<const T*>(p.clips.ptr);
   for (int64_t v = 0; v < p.Nv; ++v) {
+    if (video_length(p.lengths, v, p.L) == 0) continue;  // score -inf, no gradient (its index 0 is padding)
     int64_t l = bp.index[n * p.Nv + v];
     l = l < 0 ? 0 : (l >= p.L ? p.L - 1 : l);  // only a NaN forward could leave it out of range
     float w = bp.grad[n * bp.grad_stride[0] + v * bp.grad_stride[1]];

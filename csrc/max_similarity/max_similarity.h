@@ -18,7 +18,7 @@ struct MaxSimParams {
   int L = 0, D = 0;
   ConstStrided queries;              // [Nq, D], dtype, any strides
   ConstStrided clips;                // [Nv, L, D], dtype, any strides
-  const int64_t* lengths = nullptr;  // [Nv] in [1, L], or nullptr (all L)
+  const int64_t* lengths = nullptr;  // [Nv] in [0, L] (clamped), or nullptr (all L); 0: score -inf, index 0
   bool normalize = true;
   // With normalize: the L2 norms, fp32 [Nq] and [Nv * L]. Written by max_sim_fwd and
   // max_sim_topk, read by max_sim_bwd (pass the forward's).

@@ -20,7 +20,7 @@ struct WindowAttnFwdParams {
   const float* rel_bias = nullptr;  // [H, 2R+1] contiguous fp32, or nullptr
   int R = 0;
   const float* sigma = nullptr;     // [B, H, L] contiguous fp32 (> 0), or nullptr
-  const int64_t* lengths = nullptr; // [B] in [1, L], or nullptr (all L)
+  const int64_t* lengths = nullptr; // [B] in [0, L] (clamped), or nullptr (all L); 0: zero output
   float scale = 1.f;
   float cutoff = 0.f;               // > 0: hard window |i - j| <= cutoff * sigma_i (needs sigma)
   void* out = nullptr;              // [B, H, L, D] contiguous, dtype

@@ -125,10 +125,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_
   at::Tensor grad_k = new_output(q.sizes(), options);
   at::Tensor grad_v = new_output(q.sizes(), options);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor grad_bias = f.rel_bias != nullptr ? new_output({f.H, 2 * f.R + 1}, f32) : at::empty({0}, f32);
-  at::Tensor grad_sigma = f.sigma != nullptr ? new_output({f.B, f.H, f.L}, f32) : at::empty({0}, f32);
+  // (Pointers of empty tensors are null: whether rel_bias / sigma were given is read from the arguments.)
+  at::Tensor grad_bias = rel_bias.has_value() ? new_output({f.H, 2 * f.R + 1}, f32) : at::empty({0}, f32);
+  at::Tensor grad_sigma = sigma.has_value() ? new_output({f.B, f.H, f.L}, f32) : at::empty({0}, f32);
   if (grad_q.numel() == 0) {  // B, H or L is 0: empty gradients, and a zero bias-table gradient
-    if (f.rel_bias != nullptr) grad_bias.zero_();
+    if (rel_bias.has_value()) grad_bias.zero_();
     return {grad_q, grad_k, grad_v, grad_bias, grad_sigma};
   }
   p.grad_q = grad_q.data_ptr();

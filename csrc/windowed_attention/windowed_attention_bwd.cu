@@ -130,10 +130,10 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
   for (int j0 = kmin; j0 < kmax; j0 += BN) {
     const int ncols = min(BN, kmax - j0);
     __syncthreads();  // the previous block's K, V, dS and diagonal sums are no longer read
-    load_tile<T, BN, DT>(Ks, kb, f.k.stride[2], f.k.stride[3], j0, ncols, f.D);
+    const bool k_bad = load_tile<T, BN, DT>(Ks, kb, f.k.stride[2], f.k.stride[3], j0, ncols, f.D);
     load_tile<T, BN, DT>(Vs, vb, f.v.stride[2], f.v.stride[3], j0, ncols, f.D);
     load_bias_diagonals<BM, BN>(bias_s, bias_h, f.R, j0 - i0);
-    __syncthreads();
+    const bool k_nonfinite = __syncthreads_or(k_bad);
 
     float s[C::RM][C::RN], dp[C::RM][C::RN];
     dot_rows<C::RM, C::RN, DT>(Qs, Ks, s, ty, tx);
@@ -150,22 +150,33 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
         prob_and_grad(s[a][c], dp[a][c], i0 + r, j0 + col, rows[a], kmax, cut, f.scale, bias, pv, ds);
         dSs[r * C::LDS + col] = ds;
         const float dist = static_cast<float>(r - col + (i0 - j0));
-        row_dsig = fmaf(ds, dist * dist, row_dsig);
+        row_dsig = fmaf(ds, dist * dist, row_dsig);  // ds = 0 for excluded keys, never NaN
       }
       if (dsig_out != nullptr) dsig[a] += group_sum<16>(row_dsig);
     }
     __syncthreads();
 
+    if (!k_nonfinite) {
 #pragma unroll 4
-    for (int jj = 0; jj < BN; ++jj) {
-      float kv[C::RD];
+      for (int jj = 0; jj < BN; ++jj) {
+        float kv[C::RD];
 #pragma unroll
-      for (int d = 0; d < C::RD; ++d) kv[d] = Ks[jj * C::LDD + tx + 16 * d];
+        for (int d = 0; d < C::RD; ++d) kv[d] = Ks[jj * C::LDD + tx + 16 * d];
 #pragma unroll
-      for (int a = 0; a < C::RM; ++a) {
-        const float dsa = dSs[(ty + 16 * a) * C::LDS + jj];
+        for (int a = 0; a < C::RM; ++a) {
+          const float dsa = dSs[(ty + 16 * a) * C::LDS + jj];
 #pragma unroll
-        for (int d = 0; d < C::RD; ++d) dq[a][d] = fmaf(dsa, kv[d], dq[a][d]);
+          for (int d = 0; d < C::RD; ++d) dq[a][d] = fmaf(dsa, kv[d], dq[a][d]);
+        }
+      }
+    } else {  // a NaN / inf key row: excluded pairs (dS = 0) must not turn it into a NaN
+      for (int jj = 0; jj < BN; ++jj) {
+#pragma unroll
+        for (int a = 0; a < C::RM; ++a) {
+          const float dsa = dSs[(ty + 16 * a) * C::LDS + jj];
+#pragma unroll
+          for (int d = 0; d < C::RD; ++d) dq[a][d] = fma_nonzero(dsa, Ks[jj * C::LDD + tx + 16 * d], dq[a][d]);
+        }
       }
     }
 
@@ -203,8 +214,7 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
       if (col < f.D) dq_out[static_cast<int64_t>(i) * f.D + col] = from_f32<T>(valid ? f.scale * dq[a][d] : 0.f);
     }
     if (dsig_out != nullptr && tx == 0) {
-      const float s = valid ? sigma_bh[i] : 1.f;
-      dsig_out[i] = valid ? dsig[a] / (s * s * s) : 0.f;
+      dsig_out[i] = valid ? sigma_grad(dsig[a], sigma_bh[i]) : 0.f;
     }
   }
 }

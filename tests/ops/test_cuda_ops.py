@@ -12,6 +12,11 @@ Every test runs on two backends:
   ``_cuda.py`` wrappers on CPU tensors. It runs the CUDA path's logic everywhere; timing, memory
   model and hardware arithmetic details are only exercised by ``gpu``.
 
+Contract v2 (excluded means excluded): NaN / inf in padded positions, in keys and values beyond
+a query's cutoff window (the tile that holds them included), a sequence or video of length 0, a
+tiny sigma (1e-23) and empty inputs are tested through the ``_cuda.py`` wrappers directly, so they
+check the kernels whatever the public API accepts.
+
 The tests named ``*sanitizer*`` are a small subset for ``compute-sanitizer --tool memcheck``:
 ``compute-sanitizer --tool memcheck python -m pytest -m gpu -k sanitizer tests/ops/test_cuda_ops.py``.
 """
@@ -596,6 +601,182 @@ def test_sanitizer_topk(backend):
         args = _similarity_args(backend, 33, 270, 5, 24, "ragged", dtype=dtype, seed=33)
         scores, videos = backend.max_similarity_topk(**args, k=140)
         assert torch.isfinite(scores).all() and int(videos.min()) >= 0
+
+
+# --- contract v2: excluded means excluded, lengths 0, tiny sigma, empty inputs -------------------
+# These call the _cuda.py wrappers directly on both backends: they test the kernels, whatever the
+# public API accepts. Expected values come from the reference on clean inputs (the excluded
+# positions replaced by finite values) and on the sequences / videos of non-zero length.
+
+_POISON = (float("nan"), float("inf"), float("-inf"))
+
+
+def _poison_where(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with NaN, inf and -inf (cycling) at every position where ``where`` is true."""
+    t = t.detach().clone()
+    values = torch.tensor(_POISON, dtype=t.dtype, device=t.device)
+    idx = where.nonzero(as_tuple=True)
+    t[idx] = values[torch.arange(idx[0].numel(), device=t.device) % 3]
+    return t
+
+
+def _attention_grads(fn, x: dict, grad_out: torch.Tensor, **kw):
+    x = _leaves(x)
+    out = fn(**x, **kw)
+    names = [n for n in ATTN_GRADS if x.get(n) is not None]
+    return out, dict(zip(names, torch.autograd.grad(out, [x[n] for n in names], grad_out)))
+
+
+@pytest.mark.parametrize("cutoff", [None, 2.5], ids=["soft", "cutoff"])
+def test_windowed_attention_padding_may_hold_nan(backend, cutoff):
+    """NaN / inf in padded q, k, v, sigma rows and in the upstream gradient of padded rows change
+    nothing; a sequence of length 0 outputs zeros and gets zero gradients."""
+    B, H, L, D = 3, 2, 70, 16  # two 64-row blocks
+    args = _attention_args(backend, B, H, L, D, 3, True, None, seed=41)
+    lengths = torch.tensor([70, 33, 0], device=backend.device)
+    pad = torch.arange(L, device=backend.device)[None, :] >= lengths[:, None]  # [B, L]
+    dirty = dict(args, lengths=lengths)
+    for name in ("q", "k", "v"):
+        dirty[name] = _poison_where(args[name], pad[:, None, :, None].expand_as(args[name]))
+    dirty["sigma"] = _poison_where(args["sigma"], pad[:, None, :].expand_as(args["sigma"]))
+    grad_out = _poison_where(torch.randn(B, H, L, D, device=backend.device), pad[:, None, :, None].expand(B, H, L, D))
+    out, grads = _attention_grads(wa_cuda.windowed_attention_cuda, dirty, grad_out, cutoff=cutoff)
+
+    keep = [0, 1]  # the reference on the sequences of non-zero length, clean inputs
+    clean = {n: (t[keep] if n in ("q", "k", "v", "sigma") else t) for n, t in args.items()}
+    clean["lengths"] = lengths[keep]
+    clean_grad = torch.nan_to_num(grad_out[keep]) * ~pad[keep, None, :, None]
+    ref, ref_grads = _attention_grads(windowed_attention_ref, clean, clean_grad, cutoff=cutoff)
+    tol = testing.TOLERANCE[torch.float32]
+    testing.assert_close(out[keep], ref, tol, "out")
+    assert torch.all(out[2] == 0)
+    for name, want in ref_grads.items():
+        got = grads[name]
+        if name != "rel_bias":
+            assert torch.all(got[2] == 0), f"grad {name} of the length-0 sequence"
+            got = got[keep]
+        testing.assert_close(got, want, _scaled_tol(tol, want), f"grad {name}")
+    for name in ("q", "k", "v", "sigma"):
+        padded = pad[:, None, :, None] if grads[name].dim() == 4 else pad[:, None, :]
+        assert torch.all(grads[name].masked_select(padded.expand_as(grads[name])) == 0), f"padded grad {name}"
+
+
+def test_windowed_attention_beyond_cutoff_may_hold_nan(backend):
+    """A NaN / inf key and value beyond the cutoff window of a query never reach that query's
+    output or gradients (0 * NaN through the excluded pairs), in the tile that holds it too."""
+    B, H, L, D, cutoff = 1, 2, 70, 16, 2.0
+    args = _attention_args(backend, B, H, L, D, 2, True, None, seed=42)
+    args["sigma"] = torch.ones(B, H, L, device=backend.device)  # every window is |i - j| <= 2
+    bad = {0: 63, 1: 64}  # a key on each side of the 64-row block boundary
+    where = torch.zeros(B, H, L, D, dtype=torch.bool, device=backend.device)
+    for h, j in bad.items():
+        where[0, h, j] = True
+    dirty = dict(args, k=_poison_where(args["k"], where), v=_poison_where(args["v"], where))
+    grad_out = torch.randn(B, H, L, D, device=backend.device)
+    out, grads = _attention_grads(wa_cuda.windowed_attention_cuda, dirty, grad_out, cutoff=cutoff)
+    ref, ref_grads = _attention_grads(windowed_attention_ref, args, grad_out, cutoff=cutoff)
+    tol = testing.TOLERANCE[torch.float32]
+    for h, j in bad.items():
+        dist = (torch.arange(L, device=backend.device) - j).abs()
+        rows = dist > cutoff  # queries whose window excludes key j
+        keys = dist > 2 * cutoff  # keys that no query using key j reaches
+        testing.assert_close(out[0, h, rows], ref[0, h, rows], tol, f"out, head {h}")
+        for name, mask in (("q", rows), ("sigma", rows), ("k", keys), ("v", keys)):
+            want = ref_grads[name][0, h, mask]
+            testing.assert_close(grads[name][0, h, mask], want, _scaled_tol(tol, want), f"grad {name}, head {h}")
+        assert not torch.isfinite(out[0, h, j]).all(), "the query that uses the NaN key must see it"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("sigma", [1e-23, 1e-10], ids=["1e-23", "1e-10"])
+def test_windowed_attention_tiny_sigma(backend, sigma, dtype):
+    """Any finite sigma > 0 stays finite: a tiny window keeps only the diagonal, out = v and
+    d v = d out, the other gradients vanish (d sigma exactly: no 0 / 0)."""
+    B, H, L, D = 2, 2, 70, 16
+    args = _leaves(_attention_args(backend, B, H, L, D, 2, True, "ragged", seed=43), dtype)
+    args = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
+    args["sigma"] = torch.full((B, H, L), sigma, device=backend.device)
+    valid = (torch.arange(L, device=backend.device)[None, :] < args["lengths"][:, None])[:, None, :, None]
+    grad_out = torch.randn(B, H, L, D, device=backend.device, dtype=dtype)
+    for cutoff in (None, 3.0):
+        out, grads = _attention_grads(wa_cuda.windowed_attention_cuda, args, grad_out, cutoff=cutoff)
+        for name, t in [("out", out), *grads.items()]:
+            assert torch.isfinite(t).all(), f"{name} not finite (sigma={sigma}, cutoff={cutoff})"
+        assert torch.equal(out, args["v"] * valid), "out = v on valid rows, 0 on padded rows"
+        assert torch.equal(grads["v"], grad_out * valid)
+        assert torch.all(grads["sigma"] == 0)
+        for name in ("q", "k"):
+            assert float(grads[name].abs().max()) <= 2e-2, name  # only rounding of dP_ii - delta_i
+
+
+def test_max_similarity_padding_may_hold_nan_and_empty_videos(backend):
+    """NaN / inf in padded clips change nothing; a video of length 0 scores -inf with index 0, gets
+    no gradient and never wins a top-k ranking."""
+    nq, nv, L, D = 9, 6, 20, 16
+    args = testing.similarity_inputs(nq, nv, L, D, lengths=None, device=backend.device, seed=44)
+    lengths = torch.tensor([20, 0, 7, 1, 0, 13], device=backend.device)
+    pad = torch.arange(L, device=backend.device)[None, :] >= lengths[:, None]
+    dirty = dict(args, lengths=lengths, clips=_poison_where(args["clips"], pad[..., None].expand(nv, L, D)))
+    keep = [0, 2, 3, 5]
+    clean = dict(queries=args["queries"], clips=args["clips"][keep], lengths=lengths[keep])
+    grad = torch.randn(nq, nv, device=backend.device)
+    for normalize in (True, False):
+        x = _leaves(dirty)
+        score, index = ms_cuda.max_similarity_cuda(**x, normalize=normalize, return_index=True)
+        gq, gc = torch.autograd.grad(score, [x["queries"], x["clips"]], grad)
+        y = _leaves(clean)
+        ref, ref_index = max_similarity_ref(**y, normalize=normalize, return_index=True)
+        rq, rc = torch.autograd.grad(ref, [y["queries"], y["clips"]], grad[:, keep])
+        tol = testing.TOLERANCE[torch.float32]
+        testing.assert_close(score[:, keep], ref, tol, "score")
+        assert torch.equal(index[:, keep], ref_index)
+        assert torch.all(score[:, [1, 4]] == float("-inf")) and torch.all(index[:, [1, 4]] == 0)
+        testing.assert_close(gq, rq, _scaled_tol(tol, rq), "grad queries")
+        testing.assert_close(gc[keep], rc, _scaled_tol(tol, rc), "grad clips")
+        assert torch.all(gc[[1, 4]] == 0) and torch.all(gc.masked_select(pad[..., None].expand_as(gc)) == 0)
+
+        top_s, top_v = ms_cuda.max_similarity_topk_cuda(**dirty, k=4, normalize=normalize)
+        ref_s, ref_v = max_similarity_topk_ref(**clean, k=4, normalize=normalize)
+        testing.assert_close(top_s, ref_s, tol, "top-k scores")
+        assert torch.equal(top_v, torch.tensor(keep, device=backend.device)[ref_v]), "top-k videos"
+        top_s, top_v = ms_cuda.max_similarity_topk_cuda(**dirty, k=nv, normalize=normalize)
+        assert torch.all(top_s[:, 4:] == float("-inf")) and torch.all(top_v[:, 4:] == torch.tensor([1, 4], device=backend.device))
+
+
+def test_max_similarity_nan_in_a_valid_clip_propagates(backend):
+    """A NaN in a valid clip gives a NaN score at the first NaN clip, as torch.max does."""
+    args = testing.similarity_inputs(5, 3, 9, 8, lengths=None, device=backend.device, seed=45)
+    args["clips"][1, 4, 2] = float("nan")
+    args["clips"][1, 6, 0] = float("nan")
+    score, index = ms_cuda.max_similarity_cuda(**args, normalize=True, return_index=True)
+    ref, ref_index = max_similarity_ref(**args, normalize=True, return_index=True)
+    assert torch.isnan(score[:, 1]).all() and torch.all(index[:, 1] == 4)
+    assert torch.equal(index, ref_index)
+    testing.assert_close(score[:, [0, 2]], ref[:, [0, 2]], testing.TOLERANCE[torch.float32], "score")
+
+
+def test_empty_inputs(backend):
+    """Zero-size B / H / L, Nq and Nv give empty outputs of the right shape and dtype (and empty or
+    zero gradients), as torch ops do."""
+    dev = backend.device
+    for shape in ((0, 2, 5, 8), (2, 0, 5, 8), (2, 3, 0, 8)):
+        q = torch.randn(shape, device=dev, requires_grad=True)
+        sigma = torch.ones(shape[:3], device=dev, requires_grad=True)
+        rel_bias = torch.randn(shape[1], 5, device=dev, requires_grad=True)
+        out = wa_cuda.windowed_attention_cuda(q, q, q, rel_bias, sigma, None, None, 2.0)
+        assert out.shape == shape and out.dtype == q.dtype
+        gq, gb, gs = torch.autograd.grad(out, [q, rel_bias, sigma], torch.randn_like(out))
+        assert gq.shape == shape and gs.shape == shape[:3] and torch.all(gb == 0)
+    c = torch.randn(4, 6, 8, device=dev, requires_grad=True)
+    for nq, nv in ((0, 4), (3, 0)):
+        queries = torch.randn(nq, 8, device=dev, requires_grad=True)
+        clips = c[:nv]
+        score, index = ms_cuda.max_similarity_cuda(queries, clips, None, True, True)
+        assert (score.shape, score.dtype, index.shape, index.dtype) == ((nq, nv), torch.float32, (nq, nv), torch.int64)
+        gq, gc = torch.autograd.grad(score, [queries, c], torch.randn_like(score))
+        assert gq.shape == (nq, 8) and torch.all(gq == 0) and torch.all(gc == 0)
+    scores, videos = ms_cuda.max_similarity_topk_cuda(torch.randn(0, 8, device=dev), c.detach(), None, 2)
+    assert (scores.shape, scores.dtype, videos.shape, videos.dtype) == ((0, 2), torch.float32, (0, 2), torch.int64)
 
 
 _CHILD_CHECK = r"""
