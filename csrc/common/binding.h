@@ -124,10 +124,12 @@ inline ConstStrided strided(const at::Tensor& t) {
 
 // Test hook: with KDC_POISON_OUTPUTS=1 every output is filled with NaN (integers with -1) before
 // the kernels run, so an element a kernel forgets to write fails the comparison with the reference.
-inline bool poison_outputs() {
-  const char* raw = std::getenv("KDC_POISON_OUTPUTS");
+inline bool env_flag(const char* name) {
+  const char* raw = std::getenv(name);
   return raw != nullptr && (std::strcmp(raw, "1") == 0 || std::strcmp(raw, "true") == 0);
 }
+
+inline bool poison_outputs() { return env_flag("KDC_POISON_OUTPUTS"); }
 
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);

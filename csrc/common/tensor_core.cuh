@@ -179,5 +179,37 @@ __device__ __forceinline__ void cp_async_wait() {
 
 #endif  // KDC_CUDA_EMULATION
 
+// --- fragments of tiles in shared memory (16-bit elements, row stride ld) ---------------------------
+
+// A fragment (16 rows x 16 columns, row major) at row r0, column c0.
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int ld, int r0, int c0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(a, tile + (r0 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + c0 + (lane / 16) * 8);
+}
+
+// A fragment of the transpose of a stored tile: A[r][c] = tile[c0 + c][r0 + r].
+template <typename T>
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[4], const T* tile, int ld, int r0, int c0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4_trans(a, tile + (c0 + (lane % 8) + (lane / 16) * 8) * ld + r0 + ((lane / 8) % 2) * 8);
+}
+
+// B fragments of two n-tiles for a product X Y^T, Y stored as rows (the n index) x k: rows
+// n0 .. n0 + 15, columns (k) c0 .. c0 + 15. b[0..1]: n-tile n0 / 8, b[2..3]: n-tile n0 / 8 + 1.
+template <typename T>
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], const T* tile, int ld, int n0, int c0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4(b, tile + (n0 + (lane % 8) + (lane / 16) * 8) * ld + c0 + ((lane / 8) % 2) * 8);
+}
+
+// B fragments of two n-tiles for a product X Y, Y stored as rows (the k index) x n: rows
+// k0 .. k0 + 15, columns (n) n0 .. n0 + 15. b[0..1]: n-tile n0 / 8, b[2..3]: n-tile n0 / 8 + 1.
+template <typename T>
+__device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const T* tile, int ld, int k0, int n0) {
+  const int lane = threadIdx.x % 32;
+  ldmatrix_x4_trans(b, tile + (k0 + (lane % 8) + ((lane / 8) % 2) * 8) * ld + n0 + (lane / 16) * 8);
+}
+
 }  // namespace tc
 }  // namespace kdc

@@ -24,6 +24,9 @@ struct MaxSimParams {
   // max_sim_topk, read by max_sim_bwd (pass the forward's).
   float* query_norms = nullptr;
   float* clip_norms = nullptr;
+  // bf16 / fp16 scoring on the mma.sync tensor-core path (tc_score.cuh) unless false (then the
+  // WMMA path of score_tile.cuh).
+  bool tensor_cores = true;
 };
 
 // score: fp32 [Nq, Nv] contiguous; index: int64 [Nq, Nv] contiguous.

@@ -48,6 +48,7 @@ Inputs check_inputs(const at::Tensor& queries, const at::Tensor& clips, const st
   p.queries = strided<2>(queries);
   p.clips = strided<3>(clips);
   p.normalize = normalize;
+  p.tensor_cores = !env_flag("KDC_CUDA_NO_TENSOR_CORES");
   in.lengths = lengths_int64(lengths, p.Nv, "Nv", queries);
   if (in.lengths.has_value()) p.lengths = in.lengths->data_ptr<int64_t>();
   return in;

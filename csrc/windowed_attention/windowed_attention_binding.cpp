@@ -50,6 +50,7 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   p.k = strided<4>(k);
   p.v = strided<4>(v);
   p.scale = static_cast<float>(scale);
+  p.tensor_cores = !env_flag("KDC_CUDA_NO_TENSOR_CORES");
   if (rel_bias.has_value()) {
     const at::Tensor& t = *rel_bias;
     check_rank(t, "rel_bias", 2, "[H, 2R+1]");

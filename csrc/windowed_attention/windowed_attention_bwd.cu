@@ -5,7 +5,9 @@
 //   d sigma[b, h, i] = sum_j dS[i, j] (i - j)^2 / sigma_i^3
 //   d rel_bias[h, r] = sum over (b, i, j) with clamp(j - i, -R, R) = r of dS[i, j]
 //
-// Four kernels, no floating-point atomics anywhere (so results are bitwise reproducible):
+// These are the fp32 SIMT kernels (fp32 inputs, D > 128, or KDC_CUDA_NO_TENSOR_CORES=1); bf16 /
+// fp16 with D <= 128 go to windowed_attention_tc_bwd.cu. Four kernels, no floating-point atomics
+// anywhere (so results are bitwise reproducible):
 //   1. prep:  delta for every row, and the window half-width of every query block;
 //   2. dq:    one block per (b, h, query block) loops over its key window: dQ, d sigma (row sums
 //             held by the row's threads) and the block's partial bias table (diagonal sums of
@@ -363,6 +365,14 @@ __global__ void __launch_bounds__(256) window_attn_bias_reduce_kernel(const floa
   }
 }
 
+cudaError_t launch_bias_reduce(const float* partial, float* grad_bias, int B, int H, int nblocks, int R, int L,
+                               cudaStream_t stream) {
+  const int chunks = ceil_div(2 * R + 1, 32);
+  window_attn_bias_reduce_kernel<<<H * chunks, dim3(32, 8), 0, stream>>>(partial, grad_bias, B, H, nblocks, R,
+                                                                        reach(R, L));
+  return cudaGetLastError();
+}
+
 // --- launchers -----------------------------------------------------------------------------------
 
 template <typename T, int DT>
@@ -389,12 +399,7 @@ cudaError_t launch_bwd(const WindowAttnBwdParams& p, cudaStream_t stream) {
   dkdv_kernel<<<static_cast<unsigned>(blocks), kThreads, dkdv_smem, stream>>>(p);  // BN == BM
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  if (p.grad_rel_bias != nullptr) {
-    const int chunks = ceil_div(2 * f.R + 1, 32);
-    window_attn_bias_reduce_kernel<<<f.H * chunks, dim3(32, 8), 0, stream>>>(
-        p.bias_partial, p.grad_rel_bias, f.B, f.H, nqb, f.R, reach(f.R, f.L));
-    err = cudaGetLastError();
-  }
+  if (p.grad_rel_bias != nullptr) err = launch_bias_reduce(p.bias_partial, p.grad_rel_bias, f.B, f.H, nqb, f.R, f.L, stream);
   return err;
 }
 
@@ -418,6 +423,7 @@ cudaError_t window_attn_bwd(const WindowAttnBwdParams& p, cudaStream_t stream) {
   if ((p.grad_rel_bias != nullptr) != (f.rel_bias != nullptr && p.bias_partial != nullptr)) return cudaErrorInvalidValue;
   if (p.grad_sigma != nullptr && f.sigma == nullptr) return cudaErrorInvalidValue;
   if (f.R > (0x7fffffff - 1) / 2) return cudaErrorInvalidValue;
+  if (f.tensor_cores && window_attn_tc_supported(f)) return window_attn_tc_bwd(p, stream);
   KDC_DISPATCH_DTYPE(f.dtype, {
     switch (wattn::head_tile(f.D)) {
       case 32: return wattn::launch_bwd<scalar_t, 32>(p, stream);

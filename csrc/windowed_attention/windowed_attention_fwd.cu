@@ -167,6 +167,7 @@ cudaError_t launch_fwd(const WindowAttnFwdParams& p, cudaStream_t stream) {
 cudaError_t window_attn_fwd(const WindowAttnFwdParams& p, cudaStream_t stream) {
   if (p.B < 1 || p.H < 1 || p.L < 1 || p.D < 1 || p.D > kWindowAttnMaxD || p.R < 0) return cudaErrorInvalidValue;
   if (p.cutoff > 0.f && p.sigma == nullptr) return cudaErrorInvalidValue;
+  if (p.tensor_cores && window_attn_tc_supported(p)) return window_attn_tc_fwd(p, stream);
   KDC_DISPATCH_DTYPE(p.dtype, {
     switch (wattn::head_tile(p.D)) {
       case 32: return wattn::launch_fwd<scalar_t, 32>(p, stream);

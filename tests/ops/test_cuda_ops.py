@@ -158,6 +158,24 @@ def _check_attention_fp32(backend, args: dict, grad_out: torch.Tensor, **kw) -> 
         testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
 
 
+def _check_attention(backend, args: dict, grad_out: torch.Tensor, dtype=torch.float32, **kw) -> None:
+    """The CUDA path against the reference: fp32 tolerance for fp32, the contract's low-precision
+    rule (within 2x the reference's own error in that dtype, plus a small atol) for fp16 / bf16."""
+    if dtype == torch.float32:
+        _check_attention_fp32(backend, args, grad_out, **kw)
+        return
+    low = _leaves(args, dtype)
+    out, grads = _attention_run(backend.windowed_attention, low, grad_out, **kw)
+    ref_low, ref_low_grads = _attention_run(windowed_attention_ref, low, grad_out, **kw)
+    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, **kw)
+    assert out.dtype == dtype
+    floor = testing.TOLERANCE[dtype]
+    testing.compare_low_precision(out, ref_low, ref, "out", atol=floor)
+    for name in ref_grads:
+        testing.compare_low_precision(grads[name], ref_low_grads[name], ref_grads[name], f"grad {name}",
+                                      atol=_scaled_tol(floor, ref_grads[name]))
+
+
 # --- windowed_attention --------------------------------------------------------------------------
 
 # (id, B, H, L, D, R, sigma, lengths, cutoff, scale): tiny, odd, exactly one block (64), one past a
@@ -191,16 +209,25 @@ def test_windowed_attention_fp32(backend, case):
     _check_attention_fp32(backend, args, grad_out, cutoff=cutoff, scale=scale)
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", [ATTN_CASES[2], ATTN_CASES[7]], ids=["block", "3-blocks"])
-def test_windowed_attention_low_precision(backend, case, dtype):
+# fp16 / bf16 run on tensor cores for D <= 128: packed short sequences (4 x 16 and 2 x 32 rows per
+# block), 64-row blocks with double-buffered key tiles, staging by cp.async (D a multiple of 8) or
+# element by element (odd D), and the fp32 SIMT kernels for D > 128.
+LOW_CASES = [("fp16", "block"), ("bf16", "block"), ("fp16", "3-blocks"), ("bf16", "3-blocks"), ("bf16", "tiny"),
+             ("fp16", "odd"), ("bf16", "odd"), ("bf16", "block+1"), ("bf16", "bias-only"), ("bf16", "R>L"),
+             ("bf16", "D=100"), ("bf16", "D=130"), ("bf16", "plain")]
+
+
+@pytest.mark.parametrize("dtype_name, case_id", LOW_CASES, ids=[f"{c}-{d}" for d, c in LOW_CASES])
+def test_windowed_attention_low_precision(backend, dtype_name, case_id):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    case = next(c for c in ATTN_CASES if c[0] == case_id)
     _, B, H, L, D, R, sigma, lengths, cutoff, scale = case
     args = _attention_args(backend, B, H, L, D, R, sigma, lengths, seed=3)
     low = _leaves(args, dtype)
     grad_out = torch.randn(B, H, L, D, device=backend.device)
-    out, grads = _attention_run(backend.windowed_attention, low, grad_out, cutoff=cutoff)
-    ref_low, ref_low_grads = _attention_run(windowed_attention_ref, low, grad_out, cutoff=cutoff)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=cutoff)
+    out, grads = _attention_run(backend.windowed_attention, low, grad_out, cutoff=cutoff, scale=scale)
+    ref_low, ref_low_grads = _attention_run(windowed_attention_ref, low, grad_out, cutoff=cutoff, scale=scale)
+    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=cutoff, scale=scale)
     assert out.dtype == dtype and grads["q"].dtype == dtype
     floor = testing.TOLERANCE[dtype]
     testing.compare_low_precision(out, ref_low, ref, "out", atol=floor)
@@ -209,21 +236,25 @@ def test_windowed_attention_low_precision(backend, case, dtype):
                                       atol=_scaled_tol(floor, ref_grads[name]))
 
 
-def test_windowed_attention_noncontiguous(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_windowed_attention_noncontiguous(backend, dtype):
     B, H, L, D = 2, 2, 40, 24
     args = _attention_args(backend, B, H, L, D, 3, True, "ragged", noncontiguous=True, seed=5)
     assert not args["q"].is_contiguous()
     grad_out = torch.randn(B, H, D, L, device=backend.device).transpose(-1, -2)  # non-contiguous too
-    _check_attention_fp32(backend, args, grad_out, cutoff=2.5)
+    _check_attention(backend, args, grad_out, dtype, cutoff=2.5)
     # A stride-0 gradient (the backward of out.sum()) is read correctly as well.
-    x, y = _leaves(args), _leaves(args)
+    x, y, z = _leaves(args, dtype), _leaves(args, dtype), _leaves(args)
     backend.windowed_attention(**x).sum().backward()
     windowed_attention_ref(**y).sum().backward()
-    testing.assert_close(x["q"].grad, y["q"].grad, _scaled_tol(testing.TOLERANCE[torch.float32], y["q"].grad),
-                         "grad q of out.sum()")
+    windowed_attention_ref(**z).sum().backward()
+    floor = testing.TOLERANCE[dtype]
+    testing.compare_low_precision(x["q"].grad.float(), y["q"].grad.float(), z["q"].grad, "grad q of out.sum()",
+                                  atol=_scaled_tol(floor, z["q"].grad))
 
 
-def test_windowed_attention_long_sequence_window(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_windowed_attention_long_sequence_window(backend, dtype):
     """Key blocks outside the cutoff window are skipped; rows of very different widths share a block."""
     L = 3000 if backend.name == "gpu" else 520
     args = _attention_args(backend, 1, 2, L, 16, 4, True, "ragged", seed=11)
@@ -233,17 +264,20 @@ def test_windowed_attention_long_sequence_window(backend):
     args["sigma"] = sigma.to(backend.device)
     args["lengths"] = torch.tensor([L - 3], device=backend.device)
     grad_out = torch.randn(1, 2, L, 16, device=backend.device)
-    _check_attention_fp32(backend, args, grad_out, cutoff=3.0)
+    _check_attention(backend, args, grad_out, dtype, cutoff=3.0)
 
 
-@pytest.mark.parametrize("L, sigma", [(130, 1.0), (129, 2.0), (200, 64.0)], ids=["w1", "w2", "w64"])
-def test_windowed_attention_window_edges(backend, L, sigma):
-    """cutoff * sigma an exact integer: windows end exactly on key-block boundaries (blocks of 64),
-    where an off-by-one in the key range or the block skipping would drop a key."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L, sigma", [(130, 1.0), (129, 2.0), (200, 64.0), (200, 16.0)],
+                         ids=["w1", "w2", "w64", "w16"])
+def test_windowed_attention_window_edges(backend, L, sigma, dtype):
+    """cutoff * sigma an exact integer: windows end exactly on key-block boundaries (blocks of 64)
+    and on the 16-row boundaries of the tensor-core warps, where an off-by-one in the key range or
+    in the block / warp skipping would drop a key."""
     args = _attention_args(backend, 1, 2, L, 16, 2, True, None, seed=L)
     args["sigma"] = torch.full((1, 2, L), sigma, device=backend.device)
     grad_out = torch.randn(1, 2, L, 16, device=backend.device)
-    _check_attention_fp32(backend, args, grad_out, cutoff=1.0)
+    _check_attention(backend, args, grad_out, dtype, cutoff=1.0)
 
 
 def test_windowed_attention_padded_rows(backend):
@@ -260,10 +294,13 @@ def test_windowed_attention_padded_rows(backend):
     assert torch.isfinite(x["rel_bias"].grad).all()
 
 
-def test_windowed_attention_deterministic(backend, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L", [70, 30], ids=["long", "packed"])
+def test_windowed_attention_deterministic(backend, monkeypatch, L, dtype):
     monkeypatch.setenv("KDC_DETERMINISTIC", "1")
-    args = _attention_args(backend, 2, 2, 70, 32, 6, True, "ragged", seed=13)
-    grad_out = torch.randn(2, 2, 70, 32, device=backend.device)
+    args = _leaves(_attention_args(backend, 2, 2, L, 32, 6, True, "ragged", seed=13), dtype)
+    args = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
+    grad_out = torch.randn(2, 2, L, 32, device=backend.device, dtype=dtype)
     first = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.0)
     second = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.0)
     assert torch.equal(first[0], second[0])
@@ -627,27 +664,35 @@ def _attention_grads(fn, x: dict, grad_out: torch.Tensor, **kw):
     return out, dict(zip(names, torch.autograd.grad(out, [x[n] for n in names], grad_out)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cutoff", [None, 2.5], ids=["soft", "cutoff"])
-def test_windowed_attention_padding_may_hold_nan(backend, cutoff):
+def test_windowed_attention_padding_may_hold_nan(backend, cutoff, dtype):
     """NaN / inf in padded q, k, v, sigma rows and in the upstream gradient of padded rows change
     nothing; a sequence of length 0 outputs zeros and gets zero gradients."""
     B, H, L, D = 3, 2, 70, 16  # two 64-row blocks
     args = _attention_args(backend, B, H, L, D, 3, True, None, seed=41)
+    if dtype != torch.float32:  # the same values in both runs: low-precision inputs
+        args.update({n: args[n].to(dtype) for n in ("q", "k", "v")})
     lengths = torch.tensor([70, 33, 0], device=backend.device)
     pad = torch.arange(L, device=backend.device)[None, :] >= lengths[:, None]  # [B, L]
     dirty = dict(args, lengths=lengths)
     for name in ("q", "k", "v"):
         dirty[name] = _poison_where(args[name], pad[:, None, :, None].expand_as(args[name]))
     dirty["sigma"] = _poison_where(args["sigma"], pad[:, None, :].expand_as(args["sigma"]))
-    grad_out = _poison_where(torch.randn(B, H, L, D, device=backend.device), pad[:, None, :, None].expand(B, H, L, D))
+    grad_out = _poison_where(torch.randn(B, H, L, D, device=backend.device, dtype=dtype),
+                             pad[:, None, :, None].expand(B, H, L, D))
     out, grads = _attention_grads(wa_cuda.windowed_attention_cuda, dirty, grad_out, cutoff=cutoff)
 
-    keep = [0, 1]  # the reference on the sequences of non-zero length, clean inputs
+    keep = [0, 1]  # the clean inputs of the sequences of non-zero length
     clean = {n: (t[keep] if n in ("q", "k", "v", "sigma") else t) for n, t in args.items()}
     clean["lengths"] = lengths[keep]
     clean_grad = torch.nan_to_num(grad_out[keep]) * ~pad[keep, None, :, None]
-    ref, ref_grads = _attention_grads(windowed_attention_ref, clean, clean_grad, cutoff=cutoff)
-    tol = testing.TOLERANCE[torch.float32]
+    if dtype == torch.float32:
+        ref, ref_grads = _attention_grads(windowed_attention_ref, clean, clean_grad, cutoff=cutoff)
+        tol = testing.TOLERANCE[torch.float32]
+    else:  # the CUDA path on clean inputs (checked against the reference by the other tests)
+        ref, ref_grads = _attention_grads(wa_cuda.windowed_attention_cuda, clean, clean_grad, cutoff=cutoff)
+        tol = 0.0  # padding is never read: bitwise the same
     testing.assert_close(out[keep], ref, tol, "out")
     assert torch.all(out[2] == 0)
     for name, want in ref_grads.items():
@@ -661,21 +706,28 @@ def test_windowed_attention_padding_may_hold_nan(backend, cutoff):
         assert torch.all(grads[name].masked_select(padded.expand_as(grads[name])) == 0), f"padded grad {name}"
 
 
-def test_windowed_attention_beyond_cutoff_may_hold_nan(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L", [70, 30], ids=["long", "packed"])
+def test_windowed_attention_beyond_cutoff_may_hold_nan(backend, dtype, L):
     """A NaN / inf key and value beyond the cutoff window of a query never reach that query's
     output or gradients (0 * NaN through the excluded pairs), in the tile that holds it too."""
-    B, H, L, D, cutoff = 1, 2, 70, 16, 2.0
+    B, H, D, cutoff = 1, 2, 16, 2.0
     args = _attention_args(backend, B, H, L, D, 2, True, None, seed=42)
+    if dtype != torch.float32:
+        args.update({n: args[n].to(dtype) for n in ("q", "k", "v")})
     args["sigma"] = torch.ones(B, H, L, device=backend.device)  # every window is |i - j| <= 2
-    bad = {0: 63, 1: 64}  # a key on each side of the 64-row block boundary
+    bad = {0: 63, 1: 64} if L > 64 else {0: 15, 1: 16}  # on each side of a block / warp boundary
     where = torch.zeros(B, H, L, D, dtype=torch.bool, device=backend.device)
     for h, j in bad.items():
         where[0, h, j] = True
     dirty = dict(args, k=_poison_where(args["k"], where), v=_poison_where(args["v"], where))
-    grad_out = torch.randn(B, H, L, D, device=backend.device)
+    grad_out = torch.randn(B, H, L, D, device=backend.device, dtype=dtype)
     out, grads = _attention_grads(wa_cuda.windowed_attention_cuda, dirty, grad_out, cutoff=cutoff)
-    ref, ref_grads = _attention_grads(windowed_attention_ref, args, grad_out, cutoff=cutoff)
-    tol = testing.TOLERANCE[torch.float32]
+    if dtype == torch.float32:
+        ref, ref_grads = _attention_grads(windowed_attention_ref, args, grad_out, cutoff=cutoff)
+    else:  # the CUDA path on the clean inputs: only summation order may differ (the select path)
+        ref, ref_grads = _attention_grads(wa_cuda.windowed_attention_cuda, args, grad_out, cutoff=cutoff)
+    tol = testing.TOLERANCE[dtype]
     for h, j in bad.items():
         dist = (torch.arange(L, device=backend.device) - j).abs()
         rows = dist > cutoff  # queries whose window excludes key j
@@ -689,10 +741,11 @@ def test_windowed_attention_beyond_cutoff_may_hold_nan(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("sigma", [1e-23, 1e-10], ids=["1e-23", "1e-10"])
-def test_windowed_attention_tiny_sigma(backend, sigma, dtype):
+@pytest.mark.parametrize("L", [70, 20], ids=["long", "packed"])
+def test_windowed_attention_tiny_sigma(backend, sigma, dtype, L):
     """Any finite sigma > 0 stays finite: a tiny window keeps only the diagonal, out = v and
     d v = d out, the other gradients vanish (d sigma exactly: no 0 / 0)."""
-    B, H, L, D = 2, 2, 70, 16
+    B, H, D = 2, 2, 16
     args = _leaves(_attention_args(backend, B, H, L, D, 2, True, "ragged", seed=43), dtype)
     args = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
     args["sigma"] = torch.full((B, H, L), sigma, device=backend.device)
