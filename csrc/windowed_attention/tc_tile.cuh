@@ -50,6 +50,13 @@ struct Smem {
 // Slots per block for sequences of length L: 4 x 16 rows, 2 x 32 rows, or 1 x 64 rows.
 __host__ __device__ inline int slots_for(int L) { return L <= 16 ? 4 : L <= 32 ? 2 : 1; }
 
+// a[s] for a slot index s known only at run time, without indexing the array (which would put it
+// in local memory): a chain of selects in registers.
+template <typename X>
+__device__ __forceinline__ X pick(const X (&a)[4], int s) {
+  return s == 0 ? a[0] : s == 1 ? a[1] : s == 2 ? a[2] : a[3];
+}
+
 // What a block owns: up to 4 slots (sequences), their lengths, and the first query row (long
 // sequences; 0 when packed).
 struct BlockPlan {
@@ -109,12 +116,13 @@ __device__ __forceinline__ void stage_rows(T* dst, const ConstStrided& t, const 
   for (int e = threadIdx.x; e < BM * CHUNKS; e += kThreads) {
     const int r = e / CHUNKS, c = e % CHUNKS;
     const int s = r / bp.SL, rr = r % bp.SL;
-    const int row = row0[s] + rr;
-    const bool ok = bp.bh[s] >= 0 && rr < nvalid[s] - row0[s] && c * 8 < D;
+    const int first = pick(row0, s);
+    const int64_t bh = pick(bp.bh, s);
+    const int row = first + rr;
+    const bool ok = bh >= 0 && rr < pick(nvalid, s) - first && c * 8 < D;
     T* d = dst + r * LD + c * 8;
     const T* src = base;
     if (ok) {
-      const int64_t bh = bp.bh[s];
       src = base + (bh / H) * t.stride[0] + (bh % H) * t.stride[1] + static_cast<int64_t>(row) * t.stride[2] +
             static_cast<int64_t>(c) * 8 * t.stride[3];
     }
@@ -153,6 +161,46 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&acc)[N]
   a[3] = tc::pack2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
 }
 
+// Eight fp32 accumulator values (two n-tiles of one lane), passed by value so that the caller's
+// accumulator arrays never have their address taken (they stay in registers).
+struct Acc8 {
+  float v[8];
+};
+
+// The select product of mma_skip_zero_weights (rare: only tiles holding NaN / inf run it), kept out
+// of line so that its code is not repeated at every call site.
+template <typename T, int LD>
+__device__ __noinline__ Acc8 mma_select_slow(Acc8 c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, const T* tile,
+                                             int k0, int n0) {
+  // Weights of rows g and g + 8 for the 16 k of this step, gathered from the 4 lanes of the quad
+  // (lane (g, t') holds k = 2t', 2t' + 1 in a0 / a1 and k = 2t' + 8, 2t' + 9 in a2 / a3).
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const uint32_t a[4] = {a0, a1, a2, a3};
+  float w[2][16];
+#pragma unroll
+  for (int tq = 0; tq < 4; ++tq) {
+    const int src = g * 4 + tq;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // row g (a0, a2) and row g + 8 (a1, a3)
+      const uint32_t lo = __shfl_sync(kFullMask, a[half], src);
+      const uint32_t hi = __shfl_sync(kFullMask, a[half + 2], src);
+      w[half][2 * tq] = tc::unpack_lo<T>(lo);
+      w[half][2 * tq + 1] = tc::unpack_hi<T>(lo);
+      w[half][2 * tq + 8] = tc::unpack_lo<T>(hi);
+      w[half][2 * tq + 9] = tc::unpack_hi<T>(hi);
+    }
+  }
+#pragma unroll
+  for (int x = 0; x < 8; ++x) {  // n-tile x / 4, element x % 4
+    const int col = n0 + (x / 4) * 8 + 2 * t + (x % 2);
+    float acc = c.v[x];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) acc = wattn::fma_nonzero(w[(x % 4) / 2][k], to_f32<T>(tile[(k0 + k) * LD + col]), acc);
+    c.v[x] = acc;
+  }
+  return c;
+}
+
 // acc[n0 / 8 + {0, 1}] += A (16 x 16, fragment a) x Y (16 x 16 of `tile` at rows k0, columns n0,
 // fragments b from load_b_trans), where A may weight rows of Y that hold NaN / inf by exactly 0
 // (excluded pairs): if any element of b is not finite (a warp vote), the product is formed with
@@ -166,34 +214,13 @@ __device__ __forceinline__ void mma_skip_zero_weights(float (&c0)[4], float (&c1
     const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
     tc::mma_16816<T>(c0, a, b0);
     tc::mma_16816<T>(c1, a, b1);
-    return;
-  }
-  // Weights of rows g and g + 8 for the 16 k of this step, gathered from the 4 lanes of the quad
-  // (lane (g, t') holds k = 2t', 2t' + 1 in a[0] / a[1] and k = 2t' + 8, 2t' + 9 in a[2] / a[3]).
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float w[2][16];
+  } else {
+    Acc8 c = {{c0[0], c0[1], c0[2], c0[3], c1[0], c1[1], c1[2], c1[3]}};
+    c = mma_select_slow<T, LD>(c, a[0], a[1], a[2], a[3], tile, k0, n0);
 #pragma unroll
-  for (int tq = 0; tq < 4; ++tq) {
-    const int src = g * 4 + tq;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {  // row g (a[0], a[2]) and row g + 8 (a[1], a[3])
-      const uint32_t lo = __shfl_sync(kFullMask, a[half], src);
-      const uint32_t hi = __shfl_sync(kFullMask, a[half + 2], src);
-      w[half][2 * tq] = tc::unpack_lo<T>(lo);
-      w[half][2 * tq + 1] = tc::unpack_hi<T>(lo);
-      w[half][2 * tq + 8] = tc::unpack_lo<T>(hi);
-      w[half][2 * tq + 9] = tc::unpack_hi<T>(hi);
-    }
-  }
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    float(&c)[4] = nt == 0 ? c0 : c1;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int col = n0 + nt * 8 + 2 * t + (e % 2);
-      float acc = c[e];
-      for (int k = 0; k < 16; ++k) acc = wattn::fma_nonzero(w[e / 2][k], to_f32<T>(tile[(k0 + k) * LD + col]), acc);
-      c[e] = acc;
+    for (int x = 0; x < 4; ++x) {
+      c0[x] = c.v[x];
+      c1[x] = c.v[4 + x];
     }
   }
 }
@@ -216,21 +243,21 @@ __device__ __forceinline__ float logit_of(float dot, int i, int j, const RowWind
   return wattn::masked_logit(dot, i, j, w, geo.kend, geo.cut, geo.scale, bias);
 }
 
-// s[n][e] = logit (or -inf) of rows iw + g (+ 8) of this warp and keys j0 + 8n + 2t (+ 1), from
-// S = X Y^T where X is the warp's 16 rows at shared row xrow of Xs and Y the nk (a multiple of 16,
-// <= 64) rows at shared row yrow of Ys. Columns n >= nk / 8 are -inf.
-template <typename T, int DT>
-__device__ __forceinline__ void warp_scores(float (&s)[BN / 8][4], const T* Xs, int xrow, const T* Ys, int yrow,
+// s[n][e] = <x_r, y_c> for the warp's rows r = g (+ 8) and columns c = 8n + 2t (+ 1): S = X Y^T
+// where X is the warp's 16 rows at shared row xrow of Xs and Y the nk (a multiple of 16, <= NC)
+// rows at shared row yrow of Ys. Columns past nk stay 0.
+template <typename T, int DT, int NC = BN>
+__device__ __forceinline__ void warp_scores(float (&s)[NC / 8][4], const T* Xs, int xrow, const T* Ys, int yrow,
                                             int nk) {
   constexpr int LD = Smem<DT>::LD;
 #pragma unroll
-  for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+  for (int n = 0; n < NC / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < DT / 16; ++kk) {
     uint32_t a[4];
     load_a<LD>(a, Xs, xrow, kk * 16);
 #pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
+    for (int np = 0; np < NC / 16; ++np) {
       if (np * 16 >= nk) break;
       uint32_t b[4];
       load_b_rows<LD>(b, Ys, yrow + np * 16, kk * 16);

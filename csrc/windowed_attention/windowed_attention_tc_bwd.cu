@@ -146,6 +146,10 @@ __device__ __forceinline__ void store_rows(const WindowAttnBwdParams& p, int64_t
 
 // --- keys step ---------------------------------------------------------------------------------------
 
+// Queries a keys step handles at once: all 64 of a tile, or 32 at a time for D = 128 (registers).
+template <int DT>
+__host__ __device__ constexpr int query_chunk() { return DT >= 128 ? 32 : 64; }
+
 // For this warp's 16 keys (shared row krow of Ks / Vs; keys j = jw + g (+ 8)) and nq queries
 // (shared row qrow of Qs / dOs; queries i = i0 + column, their values in `ra` at index column):
 // dV += P^T dO, dK += dS^T Q, and dS^T (fp32, 0 where excluded) into dsf at shared row ds_row.
@@ -153,49 +157,52 @@ template <typename T, int DT>
 __device__ __forceinline__ void keys_step(float (&dk)[DT / 8][4], float (&dv)[DT / 8][4], const T* Qs, const T* dOs,
                                           int qrow, int nq, const T* Ks, const T* Vs, int krow, int jw, int i0,
                                           const RowArrays& ra, const TileGeometry& geo, float* dsf, int ds_row) {
-  constexpr int LD = Smem<DT>::LD;
+  constexpr int LD = Smem<DT>::LD, QC = query_chunk<DT>();
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float pt[BN / 8][4], dst[BN / 8][4];
-  warp_scores<T, DT>(pt, Ks, krow, Qs, qrow, nq);   // S^T
-  warp_scores<T, DT>(dst, Vs, krow, dOs, qrow, nq);  // dP^T
+  for (int c0 = 0; c0 < nq; c0 += QC) {
+    const int nc = min(QC, nq - c0);
+    float pt[QC / 8][4], dst[QC / 8][4];
+    warp_scores<T, DT, QC>(pt, Ks, krow, Qs, qrow + c0, nc);   // S^T
+    warp_scores<T, DT, QC>(dst, Vs, krow, dOs, qrow + c0, nc);  // dP^T
 #pragma unroll
-  for (int n = 0; n < BN / 8; ++n) {
+    for (int n = 0; n < QC / 8; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int c = n * 8 + 2 * t + (e % 2);
-      const int j = jw + g + 8 * (e / 2), i = i0 + c;
-      float prob = 0.f, ds = 0.f;
-      if (n * 8 < nq) {
-        RowWindow w;
-        w.valid = ra.valid[c] != 0;
-        w.gauss = ra.gauss[c];
-        w.thr = ra.thr[c];
-        const float logit = logit_of(pt[n][e], i, j, w, geo);
-        prob = logit == -INFINITY ? 0.f : expf(logit - ra.lse[c]);
-        ds = prob != 0.f ? prob * (dst[n][e] - ra.delta[c]) : 0.f;
+      for (int e = 0; e < 4; ++e) {
+        const int c = c0 + n * 8 + 2 * t + (e % 2);
+        const int j = jw + g + 8 * (e / 2), i = i0 + c;
+        float prob = 0.f, ds = 0.f;
+        if (n * 8 < nc) {
+          RowWindow w;
+          w.valid = ra.valid[c] != 0;
+          w.gauss = ra.gauss[c];
+          w.thr = ra.thr[c];
+          const float logit = logit_of(pt[n][e], i, j, w, geo);
+          prob = logit == -INFINITY ? 0.f : expf(logit - ra.lse[c]);
+          ds = prob != 0.f ? prob * (dst[n][e] - ra.delta[c]) : 0.f;
+          dsf[(ds_row + g + 8 * (e / 2)) * kDsLd + c] = ds;
+        }
+        pt[n][e] = prob;
+        dst[n][e] = ds;
       }
-      pt[n][e] = prob;
-      dst[n][e] = ds;
-      if (n * 8 < nq) dsf[(ds_row + g + 8 * (e / 2)) * kDsLd + c] = ds;
     }
-  }
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    if (kk * 16 >= nq) break;
-    uint32_t ap[4], ad[4];
-    acc_to_a<T>(ap, pt, kk);
-    acc_to_a<T>(ad, dst, kk);
+    for (int kk = 0; kk < QC / 16; ++kk) {
+      if (kk * 16 >= nc) break;
+      uint32_t ap[4], ad[4];
+      acc_to_a<T>(ap, pt, kk);
+      acc_to_a<T>(ad, dst, kk);
 #pragma unroll
-    for (int d2 = 0; d2 < DT / 16; ++d2) {
-      uint32_t b[4];
-      load_b_trans<LD>(b, dOs, qrow + kk * 16, d2 * 16);
-      const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
-      tc::mma_16816<T>(dv[2 * d2], ap, b0);
-      tc::mma_16816<T>(dv[2 * d2 + 1], ap, b1);
-      load_b_trans<LD>(b, Qs, qrow + kk * 16, d2 * 16);
-      const uint32_t c0[2] = {b[0], b[1]}, c1[2] = {b[2], b[3]};
-      tc::mma_16816<T>(dk[2 * d2], ad, c0);
-      tc::mma_16816<T>(dk[2 * d2 + 1], ad, c1);
+      for (int d2 = 0; d2 < DT / 16; ++d2) {
+        uint32_t b[4];
+        load_b_trans<LD>(b, dOs, qrow + c0 + kk * 16, d2 * 16);
+        const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+        tc::mma_16816<T>(dv[2 * d2], ap, b0);
+        tc::mma_16816<T>(dv[2 * d2 + 1], ap, b1);
+        load_b_trans<LD>(b, Qs, qrow + c0 + kk * 16, d2 * 16);
+        const uint32_t c0f[2] = {b[0], b[1]}, c1f[2] = {b[2], b[3]};
+        tc::mma_16816<T>(dk[2 * d2], ad, c0f);
+        tc::mma_16816<T>(dk[2 * d2 + 1], ad, c1f);
+      }
     }
   }
 }
@@ -246,13 +253,14 @@ __device__ __forceinline__ void add_bias_diagonals(const float* dsf, float* diag
   const int ntab = 2 * Rp + 1;
   for (int x = threadIdx.x; x < bp.G * ntab; x += kThreads) {
     const int s = x / ntab, e = x % ntab - Rp;
-    if (part[s] == nullptr) continue;
+    float* ps = pick(part, s);
+    if (ps == nullptr) continue;
     // Diagonals u with clamp(dmin0 + u, -Rp, Rp) = e.
     const int u_first = e == -Rp ? 0 : e - dmin0;
     const int u_last = e == Rp ? ndiag - 1 : e - dmin0;
     float sum = 0.f;
     for (int u = max(u_first, 0); u <= min(u_last, ndiag - 1); ++u) sum += diag[s * 128 + u];
-    part[s][e + Rp] += sum;
+    ps[e + Rp] += sum;
   }
 }
 
@@ -263,8 +271,8 @@ __device__ __forceinline__ void stage_row_arrays(const RowArrays& ra, const Wind
   const WindowAttnFwdParams& f = p.fwd;
   for (int x = threadIdx.x; x < BM; x += kThreads) {
     const int s = x / bp.SL, i = row0 + x % bp.SL;
-    const int64_t bh = bp.bh[s];
-    const bool valid = bh >= 0 && i < bp.len[s];
+    const int64_t bh = pick(bp.bh, s);
+    const bool valid = bh >= 0 && i < pick(bp.len, s);
     const RowWindow w = wattn::row_window(f.sigma != nullptr && bh >= 0 ? f.sigma + bh * f.L : nullptr, f.cutoff, cut,
                                           i, valid);
     ra.valid[x] = valid ? 1 : 0;
@@ -300,8 +308,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_bwd_short_kernel(cons
   const BlockPlan bp = block_plan(f);
   const int slot = warp / (kWarps / bp.G);
   const int wrow = (warp % (kWarps / bp.G)) * 16;
-  const int64_t bh = bp.bh[slot];
-  const int len = bp.len[slot];
+  const int64_t bh = pick(bp.bh, slot);
+  const int len = pick(bp.len, slot);
   const bool cut = f.cutoff > 0.f && f.sigma != nullptr;
   const int Rp = reach_of(f.R, f.L);
 
@@ -393,7 +401,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_bwd_short_kernel(cons
     if (bp.bh[s] >= 0) part[s] = p.bias_partial + bp.bh[s] * ntab;  // one 64-row block per sequence
   }
   for (int x = threadIdx.x; x < bp.G * ntab; x += kThreads) {
-    if (part[x / ntab] != nullptr) part[x / ntab][x % ntab] = 0.f;
+    float* ps = pick(part, x / ntab);
+    if (ps != nullptr) ps[x % ntab] = 0.f;
   }
   // Within slot s: key r, query c, offset j - i = r - c; u = r - c + SL - 1 -> dmin0 = -(SL - 1).
   add_bias_diagonals(dsf, diag_s, part, bp, bp.SL, Rp, -(bp.SL - 1));

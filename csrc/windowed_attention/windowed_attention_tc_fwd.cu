@@ -35,8 +35,8 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_fwd_kernel(const Wind
   const BlockPlan bp = block_plan(p);
   const int slot = warp / (kWarps / bp.G);
   const int wrow = (warp % (kWarps / bp.G)) * 16;  // the warp's first row within its slot
-  const int64_t bh = bp.bh[slot];
-  const int len = bp.len[slot];
+  const int64_t bh = pick(bp.bh, slot);
+  const int len = pick(bp.len, slot);
   const int iw = bp.i0 + wrow;  // the warp's first query row in its sequence
   const bool cut = p.cutoff > 0.f && p.sigma != nullptr;
   const float* sigma_bh = (p.sigma != nullptr && bh >= 0) ? p.sigma + bh * p.L : nullptr;
