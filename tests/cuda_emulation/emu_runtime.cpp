@@ -337,8 +337,11 @@ cudaError_t set_func_attribute(const void* fn, cudaFuncAttribute attr, int value
   return cudaSuccess;
 }
 
+std::map<size_t, uint64_t> g_launches_by_threads;  // test hook: kdc_emu_launches(threads)
+
 cudaError_t run_grid(const void* fn, dim3 grid, dim3 block, size_t smem, KernelBody& body) {
   const size_t nthreads = static_cast<size_t>(block.x) * block.y * block.z;
+  ++g_launches_by_threads[nthreads];
   if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
       grid.z > 65535) {
     g_last_message = "invalid launch configuration (grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) +
@@ -401,4 +404,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
   *value = emu::smem_optin_limit();
   return cudaSuccess;
+}
+
+// Test hook (ctypes): how many kernels with `threads` threads per block were launched so far. The
+// tensor-core kernels are the only ones with 128-thread blocks, so a test can tell which ran.
+extern "C" uint64_t kdc_emu_launches(unsigned threads) {
+  const auto it = emu::g_launches_by_threads.find(threads);
+  return it == emu::g_launches_by_threads.end() ? 0 : it->second;
 }

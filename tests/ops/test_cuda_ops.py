@@ -401,8 +401,10 @@ def test_windowed_attention_binding_errors(backend, kernel):
 
 
 def test_sanitizer_windowed_attention(backend):
-    for dtype in (torch.float32, torch.bfloat16):
-        args = _leaves(_attention_args(backend, 2, 2, 67, 40, 3, True, "ragged", seed=15), dtype)
+    """Every attention kernel once: SIMT fp32, tensor-core long (fwd, dq, dkdv) and packed (fwd and
+    the one-kernel backward), with cp.async (D = 40) and element-wise staging (D = 20)."""
+    for dtype, L, D in ((torch.float32, 67, 40), (torch.bfloat16, 67, 40), (torch.float16, 20, 20)):
+        args = _leaves(_attention_args(backend, 2, 2, L, D, 3, True, "ragged", seed=15), dtype)
         out = backend.windowed_attention(**args, cutoff=2.0)
         out.backward(torch.randn_like(out))
         assert torch.isfinite(out).all() and torch.isfinite(args["q"].grad).all()
@@ -481,11 +483,18 @@ def test_max_similarity_fp32(backend, case, normalize):
     testing.assert_close(gc, want_gc, _scaled_tol(tol, want_gc), "grad clips")
 
 
+# fp16 / bf16 max-sim on tensor cores: clip tiles of 64 (several per video) and of 32 (L <= 32 or
+# D > 256), 16-byte cp.async staging (D a multiple of 8, contiguous) or element by element.
+LOW_MS_CASES = [(65, 6, 70, 48, False), (33, 7, 20, 20, False), (20, 4, 130, 264, False), (40, 5, 40, 32, True)]
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-def test_max_similarity_low_precision(backend, dtype):
-    args = _similarity_args(backend, 65, 6, 70, 48, "ragged", seed=21)
+@pytest.mark.parametrize("case", LOW_MS_CASES, ids=["L70-D48", "L20-D20", "L130-D264", "noncontiguous"])
+def test_max_similarity_low_precision(backend, dtype, case):
+    nq, nv, L, D, noncontiguous = case
+    args = _similarity_args(backend, nq, nv, L, D, "ragged", noncontiguous=noncontiguous, seed=21)
     low = _leaves(args, dtype)
-    grad = torch.randn(65, 6, device=backend.device)
+    grad = torch.randn(nq, nv, device=backend.device)
     score, index, gq, gc = _similarity_run(backend.max_similarity, low, grad, True)
     ref_low, ref_low_index, _, _ = _similarity_run(max_similarity_ref, low, grad, True)
     ref, _, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
@@ -626,11 +635,13 @@ def test_max_similarity_topk_rounds_and_chunks(backend, monkeypatch, round_split
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-def test_max_similarity_topk_low_precision(backend, dtype):
-    args = _leaves(_similarity_args(backend, 40, 50, 20, 32, "ragged", seed=32), dtype)
+@pytest.mark.parametrize("shape", [(40, 50, 20, 32, 20), (70, 300, 70, 24, 130)], ids=["one-split", "three-splits"])
+def test_max_similarity_topk_low_precision(backend, dtype, shape):
+    nq, nv, L, D, k = shape
+    args = _leaves(_similarity_args(backend, nq, nv, L, D, "ragged", seed=32), dtype)
     args = {n: (t.detach() if t is not None else None) for n, t in args.items()}
     # Same low-precision inputs on both sides, fp32 math: only summation order differs.
-    _topk_check(backend, args, 20, True, 1e-5)
+    _topk_check(backend, args, k, True, 1e-5)
 
 
 def test_sanitizer_topk(backend):
@@ -638,6 +649,60 @@ def test_sanitizer_topk(backend):
         args = _similarity_args(backend, 33, 270, 5, 24, "ragged", dtype=dtype, seed=33)
         scores, videos = backend.max_similarity_topk(**args, k=140)
         assert torch.isfinite(scores).all() and int(videos.min()) >= 0
+
+
+# --- which kernels run ---------------------------------------------------------------------------
+
+
+def _tensor_core_launches() -> int:
+    """Kernels launched with 128-thread blocks so far on the emulation: the tensor-core kernels."""
+    import ctypes
+
+    lib = ctypes.CDLL(_build_emulation())
+    lib.kdc_emu_launches.restype = ctypes.c_uint64
+    lib.kdc_emu_launches.argtypes = [ctypes.c_uint]
+    return int(lib.kdc_emu_launches(128))
+
+
+def test_tensor_core_kernels_run_where_expected(backend, monkeypatch):
+    """bf16 / fp16 attention (D <= 128) and max-sim / top-k (D <= 512) run the tensor-core kernels;
+    fp32, D > 128 attention and KDC_CUDA_NO_TENSOR_CORES=1 run the SIMT / WMMA ones (emulation:
+    the launch log tells them apart by block size)."""
+    if not backend.emulated:
+        pytest.skip("the launch log is an emulation hook")
+
+    def attention(dtype, L, D, **kw):
+        args = _leaves(_attention_args(backend, 2, 2, L, D, 2, True, "ragged", seed=L), dtype)
+        out = wa_cuda.windowed_attention_cuda(**args, **kw)
+        out.backward(torch.ones_like(out))
+
+    def similarity(dtype, D, topk=False):
+        args = testing.similarity_inputs(9, 5, 20, D, dtype=dtype, seed=D)
+        if topk:
+            ms_cuda.max_similarity_topk_cuda(**args, k=2)
+        else:
+            args = _leaves(args)
+            ms_cuda.max_similarity_cuda(**args).sum().backward()
+
+    cases = [
+        ("attention bf16 packed", lambda: attention(torch.bfloat16, 20, 16), 2),  # forward, backward
+        ("attention fp16 long", lambda: attention(torch.float16, 70, 64, cutoff=2.0), 3),  # fwd, dq, dkdv
+        ("attention fp32", lambda: attention(torch.float32, 20, 16), 0),
+        ("attention bf16 D=130", lambda: attention(torch.bfloat16, 20, 130), 0),
+        ("max-sim bf16", lambda: similarity(torch.bfloat16, 24), 1),
+        ("max-sim fp32", lambda: similarity(torch.float32, 24), 0),
+        ("top-k fp16", lambda: similarity(torch.float16, 24, topk=True), 1),
+        ("top-k fp32", lambda: similarity(torch.float32, 24, topk=True), 0),
+    ]
+    for what, run, expected in cases:
+        before = _tensor_core_launches()
+        run()
+        assert _tensor_core_launches() - before == expected, what
+    monkeypatch.setenv("KDC_CUDA_NO_TENSOR_CORES", "1")
+    for what, run, expected in cases:
+        before = _tensor_core_launches()
+        run()
+        assert _tensor_core_launches() == before, f"{what} with KDC_CUDA_NO_TENSOR_CORES=1"
 
 
 # --- contract v2: excluded means excluded, lengths 0, tiny sigma, empty inputs -------------------
@@ -762,12 +827,14 @@ def test_windowed_attention_tiny_sigma(backend, sigma, dtype, L):
             assert float(grads[name].abs().max()) <= 2e-2, name  # only rounding of dP_ii - delta_i
 
 
-def test_max_similarity_padding_may_hold_nan_and_empty_videos(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("L", [20, 70], ids=["L20", "L70"])
+def test_max_similarity_padding_may_hold_nan_and_empty_videos(backend, dtype, L):
     """NaN / inf in padded clips change nothing; a video of length 0 scores -inf with index 0, gets
     no gradient and never wins a top-k ranking."""
-    nq, nv, L, D = 9, 6, 20, 16
-    args = testing.similarity_inputs(nq, nv, L, D, lengths=None, device=backend.device, seed=44)
-    lengths = torch.tensor([20, 0, 7, 1, 0, 13], device=backend.device)
+    nq, nv, D = 9, 6, 16
+    args = testing.similarity_inputs(nq, nv, L, D, lengths=None, dtype=dtype, device=backend.device, seed=44)
+    lengths = torch.tensor([L, 0, 7, 1, 0, L - 7], device=backend.device)
     pad = torch.arange(L, device=backend.device)[None, :] >= lengths[:, None]
     dirty = dict(args, lengths=lengths, clips=_poison_where(args["clips"], pad[..., None].expand(nv, L, D)))
     keep = [0, 2, 3, 5]
@@ -780,12 +847,13 @@ def test_max_similarity_padding_may_hold_nan_and_empty_videos(backend):
         y = _leaves(clean)
         ref, ref_index = max_similarity_ref(**y, normalize=normalize, return_index=True)
         rq, rc = torch.autograd.grad(ref, [y["queries"], y["clips"]], grad[:, keep])
-        tol = testing.TOLERANCE[torch.float32]
+        tol = testing.TOLERANCE[torch.float32] if dtype == torch.float32 else 1e-5  # fp32 math on both sides
+        gtol = testing.TOLERANCE[dtype]
         testing.assert_close(score[:, keep], ref, tol, "score")
         assert torch.equal(index[:, keep], ref_index)
         assert torch.all(score[:, [1, 4]] == float("-inf")) and torch.all(index[:, [1, 4]] == 0)
-        testing.assert_close(gq, rq, _scaled_tol(tol, rq), "grad queries")
-        testing.assert_close(gc[keep], rc, _scaled_tol(tol, rc), "grad clips")
+        testing.assert_close(gq.float(), rq.float(), _scaled_tol(gtol, rq), "grad queries")
+        testing.assert_close(gc[keep].float(), rc.float(), _scaled_tol(gtol, rc), "grad clips")
         assert torch.all(gc[[1, 4]] == 0) and torch.all(gc.masked_select(pad[..., None].expand_as(gc)) == 0)
 
         top_s, top_v = ms_cuda.max_similarity_topk_cuda(**dirty, k=4, normalize=normalize)
