@@ -13,7 +13,16 @@
 //   * launch limits of the real hardware: <= 1024 threads, grid.y / grid.z <= 65535, more than
 //     48 KB of dynamic shared memory only after cudaFuncSetAttribute, and never more than the
 //     device's opt-in limit (KDC_EMU_SMEM_OPTIN, default 166912 bytes: an A100, the smaller of the
-//     A100 / H100 limits).
+//     A100 / H100 limits);
+//   * cp.async copies are queued per thread and land in shared memory only at the
+//     cp.async.wait_group covering their commit group (reading a tile before waiting for it, or
+//     staging into the buffer in use, gives wrong data), must be aligned to their size and stay
+//     inside the block's dynamic shared memory; __syncthreads_or returns the OR of every live
+//     thread's predicate, and mixing it with __syncthreads at one barrier fails the launch;
+//   * warp exchanges (the mma / ldmatrix emulation of kdc_emu_ptx.h) and __shfl_sync by source lane
+//     are rendezvous points like the shuffles.
+// kdc_emu_launches(threads) (extern "C") counts the launches per block size: the tests use it to
+// check which kernels ran.
 #include <ucontext.h>
 
 #include <algorithm>
