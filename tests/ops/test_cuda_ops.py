@@ -253,6 +253,37 @@ def test_windowed_attention_noncontiguous(backend, dtype):
                                   atol=_scaled_tol(floor, z["q"].grad))
 
 
+def _sliced(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` as the first columns of a wider tensor whose other columns hold NaN: a view whose row
+    strides allow 16-byte copies while its last dimension does not."""
+    wide = torch.full((*t.shape[:-1], width), float("nan"), dtype=t.dtype, device=t.device)
+    wide[..., : t.shape[-1]] = t
+    return wide[..., : t.shape[-1]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_head_dim_slices_are_read_exactly(backend, dtype):
+    """Inputs that are views of wider tensors (x[..., :20] of x [..., 24]): the columns past D hold
+    NaN and are never read. The same results, bitwise, as the contiguous copies."""
+    B, H, L, D = 2, 2, 40, 20
+    args = _attention_args(backend, B, H, L, D, 2, True, "ragged", dtype=dtype, seed=7)
+    grad_out = torch.randn(B, H, L, D, device=backend.device).to(dtype)
+    results = []
+    for make in (lambda t: _sliced(t, 24), lambda t: t.contiguous()):
+        x = {n: (make(t).detach().requires_grad_(True) if n in ("q", "k", "v") else t) for n, t in args.items()}
+        out = wa_cuda.windowed_attention_cuda(**x, cutoff=2.0)
+        grads = torch.autograd.grad(out, [x["q"], x["k"], x["v"]], make(grad_out))
+        results.append((out, *grads))
+    for a, b, name in zip(results[0], results[1], ("out", "grad q", "grad k", "grad v")):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    sim = testing.similarity_inputs(9, 4, 20, D, dtype=dtype, device=backend.device, seed=8)
+    views = dict(sim, queries=_sliced(sim["queries"], 24), clips=_sliced(sim["clips"], 24))
+    for fn, kw in ((ms_cuda.max_similarity_cuda, dict(return_index=True)), (ms_cuda.max_similarity_topk_cuda, dict(k=2))):
+        got, want = fn(**views, **kw), fn(**sim, **kw)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), fn.__name__
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_windowed_attention_long_sequence_window(backend, dtype):
     """Key blocks outside the cutoff window are skipped; rows of very different widths share a block."""
