@@ -268,6 +268,18 @@ __device__ __forceinline__ void warp_scores(float (&s)[NC / 8][4], const T* Xs, 
   }
 }
 
+// Writes columns col, col + 1 (col even) of a contiguous row of D elements: one 32-bit store when D
+// is even (the pair is then 4-byte aligned), else element by element; columns past D are skipped.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* row, int col, int D, float a, float b) {
+  if (D % 2 == 0 && col + 1 < D) {
+    *reinterpret_cast<uint32_t*>(row + col) = tc::pack2<T>(a, b);
+  } else {
+    if (col < D) row[col] = from_f32<T>(a);
+    if (col + 1 < D) row[col + 1] = from_f32<T>(b);
+  }
+}
+
 // --- row state -------------------------------------------------------------------------------------
 
 // Sum / max over the 4 lanes of a quad (the lanes that share a row): bitwise identical in all four.

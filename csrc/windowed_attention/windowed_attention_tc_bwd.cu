@@ -130,13 +130,10 @@ __device__ __forceinline__ void store_rows(const WindowAttnBwdParams& p, int64_t
     const int r = g + 8 * h, i = iw + r;
     if (r >= rows_in_slot || i >= f.L) continue;
     const bool valid = rw[h].valid;
+    T* row = dq_out + static_cast<int64_t>(i) * f.D;
 #pragma unroll
     for (int n = 0; n < DT / 8; ++n) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = n * 8 + 2 * t + c;
-        if (col < f.D) dq_out[static_cast<int64_t>(i) * f.D + col] = from_f32<T>(valid ? f.scale * dq[n][2 * h + c] : 0.f);
-      }
+      store_pair(row, n * 8 + 2 * t, f.D, valid ? f.scale * dq[n][2 * h] : 0.f, valid ? f.scale * dq[n][2 * h + 1] : 0.f);
     }
     if (p.grad_sigma != nullptr && t == 0) {
       p.grad_sigma[bh * f.L + i] = valid ? wattn::sigma_grad(dsig_sum[h], f.sigma[bh * f.L + i]) : 0.f;
@@ -220,15 +217,13 @@ __device__ __forceinline__ void store_keys(const WindowAttnBwdParams& p, int64_t
     const int r = g + 8 * h, j = jw + r;
     if (r >= keys_in_slot || j >= f.L) continue;
     const bool valid = j < len;
+    T* krow = dk_out + static_cast<int64_t>(j) * f.D;
+    T* vrow = dv_out + static_cast<int64_t>(j) * f.D;
 #pragma unroll
     for (int n = 0; n < DT / 8; ++n) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = n * 8 + 2 * t + c;
-        if (col >= f.D) continue;
-        dk_out[static_cast<int64_t>(j) * f.D + col] = from_f32<T>(valid ? f.scale * dk[n][2 * h + c] : 0.f);
-        dv_out[static_cast<int64_t>(j) * f.D + col] = from_f32<T>(valid ? dv[n][2 * h + c] : 0.f);
-      }
+      const int col = n * 8 + 2 * t;
+      store_pair(krow, col, f.D, valid ? f.scale * dk[n][2 * h] : 0.f, valid ? f.scale * dk[n][2 * h + 1] : 0.f);
+      store_pair(vrow, col, f.D, valid ? dv[n][2 * h] : 0.f, valid ? dv[n][2 * h + 1] : 0.f);
     }
   }
 }

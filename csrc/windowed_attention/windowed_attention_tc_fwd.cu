@@ -190,13 +190,10 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_fwd_kernel(const Wind
     const float sum = sums[h];
     const bool valid = rw[h].valid;
     const float inv = valid ? 1.f / sum : 0.f;
+    T* row = out + static_cast<int64_t>(i) * p.D;
 #pragma unroll
     for (int n = 0; n < DTILES; ++n) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = n * 8 + 2 * t + c;
-        if (col < p.D) out[static_cast<int64_t>(i) * p.D + col] = from_f32<T>(valid ? o[n][2 * h + c] * inv : 0.f);
-      }
+      store_pair(row, n * 8 + 2 * t, p.D, valid ? o[n][2 * h] * inv : 0.f, valid ? o[n][2 * h + 1] * inv : 0.f);
     }
     if (t == 0) lse[i] = valid ? m[h] + logf(sum) : 0.f;
   }
