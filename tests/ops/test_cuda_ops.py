@@ -17,6 +17,44 @@ a query's cutoff window (the tile that holds them included), a sequence or video
 tiny sigma (1e-23) and empty inputs are tested through the ``_cuda.py`` wrappers directly, so they
 check the kernels whatever the public API accepts.
 
+Deliberate mutations of the tensor-core kernels, each applied alone, the emulated tests run with
+``-x`` (the first test that failed is named; the mutation was then reverted):
+
+====  ======================================================================  =======================================================
+M1    fwd: per-warp window skipping drops the first tile a warp needs          test_windowed_attention_long_sequence_window[bf16]
+M2    fwd: block key range one key short (off-by-one tile edge)                test_windowed_attention_window_edges[w1-bf16]
+M3    K B-fragment: the two 8-column halves swapped (fragment layout)          test_windowed_attention_low_precision[block-fp16]
+M4    P as A operand: rows g / g+8 swapped in the second half (layout)         test_windowed_attention_low_precision[block-fp16]
+M5    non-finite V tile multiplied on tensor cores anyway (0 * NaN)            test_windowed_attention_beyond_cutoff_may_hold_nan[long-bf16]
+M6    fwd: cp.async.wait_group 2 instead of 1 (tile used before it lands)      test_windowed_attention_low_precision[block-fp16]
+M7    fwd: next K tile staged into the buffer in use                           test_windowed_attention_low_precision[3-blocks-fp16]
+M8    bwd (one kernel): delta not summed over the 4 lanes of a row             test_windowed_attention_low_precision[block-fp16]
+M9    bwd dkdv: query block skipped when its window ends at the key block      test_windowed_attention_window_edges[w1-bf16]
+M10   bwd dkdv: bias diagonals shifted by one                                  test_windowed_attention_low_precision[3-blocks-fp16]
+M11   bias table: the clamped end bin misses its last diagonal                 test_windowed_attention_window_edges[w64-bf16]
+M12   staging: one row past the length loaded (length mask)                    test_windowed_attention_low_precision[bias-only-bf16]
+M13   16-byte cp.async for D not a multiple of 8 (reads past D)                test_head_dim_slices_are_read_exactly[bf16]
+M14   max-sim: ties go to the last clip (>= instead of >)                      test_max_similarity_low_precision[L70-D48-fp16]
+M15   max-sim: one padded clip scored (off-by-one length mask)                 test_max_similarity_low_precision[L70-D48-fp16]
+M16   max-sim: quad reduction misses the lanes 2 apart                         test_max_similarity_low_precision[L70-D48-fp16]
+M17   max-sim: next clip tile staged into the buffer in use                    test_max_similarity_low_precision[L70-D48-fp16]
+M18   bwd dq: K tile with NaN multiplied on tensor cores (0 * NaN)             test_windowed_attention_beyond_cutoff_may_hold_nan[long-bf16]
+M19   top-k: scores written one video off in the split slab                    test_max_similarity_topk_low_precision[one-split-fp16]
+M20   bwd dq: delta summed over the quad one tile early                        test_windowed_attention_low_precision[3-blocks-fp16]
+M21   max-sim epilogue: accumulator element mapped to the wrong clip           test_max_similarity_low_precision[L70-D48-fp16]
+M22   fwd: output not rescaled when the running max grows                      test_windowed_attention_low_precision[3-blocks-fp16]
+M23   logit: 0 * inf on the diagonal for a tiny sigma                          test_windowed_attention_tiny_sigma[long-1e-23-fp32]
+M24   d sigma: 0 / 0 when sigma^3 underflows                                   test_windowed_attention_tiny_sigma[long-1e-23-fp32]
+M25   packing: L <= 20 put in 16-row slots (rows dropped)                      test_sanitizer_windowed_attention
+M26   max-sim: wait before committing the next tile's copies                   test_max_similarity_low_precision[L70-D48-fp16]
+M27   top-k: rows sorted as if 8 warps ran (half never written)                test_head_dim_slices_are_read_exactly[bf16]
+M28   bias partial tables indexed with R instead of min(R, L - 1)              test_windowed_attention_low_precision[R>L-bf16] (the
+                                                                               process aborts: heap overflow; scripts/emulated_sanitizer.sh)
+M29   keys step: a query's validity ignored                                    survived: equivalent (padded query rows are zero-filled,
+                                                                               so their P dO and dS Q terms are exactly 0)
+M30   bwd dkdv: the block's keys masked one short                              test_windowed_attention_low_precision[3-blocks-fp16]
+====  ======================================================================  =======================================================
+
 The tests named ``*sanitizer*`` are a small subset for ``compute-sanitizer --tool memcheck``:
 ``compute-sanitizer --tool memcheck python -m pytest -m gpu -k sanitizer tests/ops/test_cuda_ops.py``.
 """
