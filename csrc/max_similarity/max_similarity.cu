@@ -17,7 +17,7 @@ namespace msim {
 constexpr int kVideosPerBlock = 4;
 
 template <typename T, int BC>
-__global__ void __launch_bounds__(kThreads) max_sim_fwd_kernel(const MaxSimParams p, float* score, int64_t* index) {
+__global__ void __launch_bounds__(kThreads, 1) max_sim_fwd_kernel(const MaxSimParams p, float* score, int64_t* index) {
   char* smem = reinterpret_cast<char*>(dynamic_smem());
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * BQ;
@@ -210,9 +210,11 @@ cudaError_t launch_bwd(const MaxSimBwdParams& bp, cudaStream_t stream) {
 cudaError_t max_sim_fwd(const MaxSimParams& p, float* score, int64_t* index, cudaStream_t stream) {
   if (p.Nq < 1 || p.Nv < 1 || p.L < 1 || p.D < 1 || score == nullptr || index == nullptr) return cudaErrorInvalidValue;
   KDC_DISPATCH_DTYPE(p.dtype, {
-    if (!std::is_same<scalar_t, float>::value && p.tensor_cores && p.D <= msim_tc::kMaxD) {
-      const cudaError_t err = msim::launch_tc_fwd<scalar_t>(p, score, index, stream);
-      if (err != cudaErrorNotSupported) return err;
+    if constexpr (!std::is_same<scalar_t, float>::value) {
+      if (p.tensor_cores && p.D <= msim_tc::kMaxD) {
+        const cudaError_t err = msim::launch_tc_fwd<scalar_t>(p, score, index, stream);
+        if (err != cudaErrorNotSupported) return err;
+      }
     }
     if (p.L <= 32) return msim::launch_fwd<scalar_t, 32>(p, score, index, stream);
     return msim::launch_fwd<scalar_t, 64>(p, score, index, stream);

@@ -115,7 +115,7 @@ __device__ __forceinline__ void sort_rows(float* slab, int* ids, const TopkRound
 }
 
 template <typename T, int BC>
-__global__ void __launch_bounds__(kThreads) topk_partial_kernel(const MaxSimParams p, const TopkRound r) {
+__global__ void __launch_bounds__(kThreads, 1) topk_partial_kernel(const MaxSimParams p, const TopkRound r) {
   char* smem = reinterpret_cast<char*>(dynamic_smem());
   float* slab = reinterpret_cast<float*>(smem + staging_bytes<T, BC>());
   int* ids = reinterpret_cast<int*>(slab + BQ * kSplit);
