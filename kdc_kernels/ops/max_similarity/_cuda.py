@@ -16,6 +16,8 @@ extension registers:
 * ``kdc::cuda_max_similarity_topk(queries, clips, lengths, k, normalize) -> (scores, videos)``:
   fp32 / int64 ``[Nq, k]``; no ``[Nq, Nv]`` buffer; no autograd.
 
+bf16 / fp16 scoring with D <= 512 runs on tensor cores (``csrc/max_similarity/tc_score.cuh``), fp32
+on an exact SIMT loop; ``KDC_CUDA_NO_TENSOR_CORES=1`` selects the older WMMA scoring for bf16 / fp16.
 The kernels use no floating-point atomics: results are bitwise reproducible run to run.
 """
 

@@ -14,8 +14,11 @@ extension registers:
   cutoff) -> (grad_q, grad_k, grad_v, grad_rel_bias, grad_sigma)``; the last two are fp32
   (``[H, 2R+1]`` / ``[B, H, L]``), empty ``[0]`` tensors when rel_bias / sigma is None.
 
-The kernels use no floating-point atomics: results are bitwise reproducible run to run, so
-``KDC_DETERMINISTIC`` needs no separate mode here.
+bf16 / fp16 with D <= 128 run on tensor cores (FlashAttention-2 structure, see
+``csrc/windowed_attention/windowed_attention_tc_*.cu``); fp32 and D > 128 run fp32 SIMT kernels
+(exact IEEE fp32), as does everything with ``KDC_CUDA_NO_TENSOR_CORES=1``. The kernels use no
+floating-point atomics: results are bitwise reproducible run to run, so ``KDC_DETERMINISTIC`` needs
+no separate mode here.
 """
 
 from __future__ import annotations
