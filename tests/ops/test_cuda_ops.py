@@ -774,6 +774,23 @@ def test_tensor_core_kernels_run_where_expected(backend, monkeypatch):
         assert _tensor_core_launches() == before, f"{what} with KDC_CUDA_NO_TENSOR_CORES=1"
 
 
+def test_fallback_kernels_without_tensor_cores(backend, monkeypatch):
+    """KDC_CUDA_NO_TENSOR_CORES=1 (the fallback if a tensor-core kernel misbehaves on some GPU): the
+    SIMT attention and WMMA max-sim kernels still match the reference for bf16."""
+    monkeypatch.setenv("KDC_CUDA_NO_TENSOR_CORES", "1")
+    for L in (20, 70):
+        args = _attention_args(backend, 2, 2, L, 32, 3, True, "ragged", seed=L)
+        _check_attention(backend, args, torch.randn(2, 2, L, 32, device=backend.device), torch.bfloat16, cutoff=2.0)
+    args = _leaves(_similarity_args(backend, 33, 5, 40, 32, "ragged", seed=3), torch.bfloat16)
+    grad = torch.randn(33, 5, device=backend.device)
+    score, index, _, _ = _similarity_run(backend.max_similarity, args, grad, True)
+    ref, ref_index, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
+    testing.assert_close(score, ref, 1e-5, "score")
+    testing.assert_argmax_valid(index, ref_index, _reference_sims(args, True), args["clips"], 1e-5)
+    detached = {n: (t.detach() if t is not None else None) for n, t in args.items()}
+    _topk_check(backend, detached, 3, True, 1e-5)
+
+
 # --- contract v2: excluded means excluded, lengths 0, tiny sigma, empty inputs -------------------
 # These call the _cuda.py wrappers directly on both backends: they test the kernels, whatever the
 # public API accepts. Expected values come from the reference on clean inputs (the excluded
