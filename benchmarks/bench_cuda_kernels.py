@@ -1,18 +1,29 @@
 """The compiled CUDA kernels beside the Triton kernels and the eager reference, same process, same
-inputs, at the contract's target shapes: time per call and the ratio to the CUDA path.
+inputs, per op and shape: time per call (Python dispatch included) and the ratio to the CUDA path.
 
-    python benchmarks/bench_cuda_kernels.py --quick --out gpu-results     # a couple of minutes on an H100
-    python benchmarks/bench_cuda_kernels.py --impls cuda,triton --dtype bf16
+    python benchmarks/bench_cuda_kernels.py --quick --out gpu-results     # about a minute on an H200
+    python benchmarks/bench_cuda_kernels.py --impls cuda,cuda-simt,triton --dtype fp16
 
-Each row also records the largest difference of the forward output from the CUDA path's (a sanity
-check next to the timing, not a test). Impls that cannot run a case are listed with the reason.
-On a machine without a GPU the shapes shrink to a smoke run of whatever can run.
+Impls: ``cuda`` (bf16 / fp16 on the tensor-core kernels), ``cuda-simt`` (the same op with
+``KDC_CUDA_NO_TENSOR_CORES=1``: the fp32 SIMT / WMMA kernels the tensor-core ones replaced),
+``triton``, ``reference``. ``cuda`` is measured first in every case, so each row carries its ratio
+to it (``vs_cuda`` > 1: slower than the CUDA kernels) and the largest difference of its forward
+output from the CUDA path's (a sanity check next to the timing, not a test).
+
+Every row is printed as a JSON line (``ROW {...}``) the moment it is measured, so a run cut by a
+time limit keeps what it measured; the case's table follows its rows. ``--budget`` stops starting
+new measurements after that many seconds (the remaining rows say so). Impls that cannot run a
+case are listed with the reason. On a machine without a GPU the shapes shrink to a smoke run of
+whatever can run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,11 +40,12 @@ OPS = {
     "max_similarity": ("kdc_kernels.ops.max_similarity", K.max_similarity),
     "max_similarity_topk": ("kdc_kernels.ops.max_similarity", K.max_similarity_topk),
 }
+COLUMNS = ["case", "impl", "dtype", "ms", "vs_cuda", "tflops", "max_diff_vs_cuda", "peak_mib", "note"]
 
 
 def cases(quick: bool, on_gpu: bool) -> list[dict]:
-    """(name, op, shape kwargs, backward?) at the contract's target shapes (smaller with --quick)."""
-    s = 1 if on_gpu else 0  # CPU: a smoke run on tiny shapes
+    """The contract's target shapes (smaller with --quick; tiny without a GPU)."""
+    s = 1 if on_gpu else 0
     B = (64 if quick else 256) if s else 2
     long_L = (8192 if quick else 16384) if s else 256
     return [
@@ -47,10 +59,23 @@ def cases(quick: bool, on_gpu: bool) -> list[dict]:
              shape=dict(B=1, H=8 if s else 1, L=long_L, D=64 if s else 8, R=16, cutoff=3.0, max_sigma=64.0)),
         dict(name="maxsim train fwd+bwd", op="max_similarity", backward=True,
              shape=dict(nq=640 if s else 8, nv=128 if s else 4, L=128 if s else 8, D=384 if s else 16)),
+        dict(name="maxsim eval fwd", op="max_similarity", backward=False,
+             shape=dict(nq=(2048 if quick else 10895) if s else 8, nv=2179 if s else 30, L=128 if s else 8,
+                        D=384 if s else 16)),
         dict(name="topk TVR k=100", op="max_similarity_topk", backward=False,
              shape=dict(nq=(2048 if quick else 10895) if s else 8, nv=2179 if s else 30, L=128 if s else 8,
                         D=384 if s else 16, k=100 if s else 5)),
     ]
+
+
+def flops(case: dict) -> float:
+    """Matmul FLOPs of one call (the GEMM-shaped work; masks and window skipping not counted)."""
+    sh = case["shape"]
+    if case["op"] == "windowed_attention":
+        fwd = 4.0 * sh["B"] * sh["H"] * sh["L"] * sh["L"] * sh["D"]  # S = QK^T and PV
+        return fwd * (3.5 if case["backward"] else 1.0)  # backward: recompute S, dP, dV, dK, dQ
+    fwd = 2.0 * sh["nq"] * sh["nv"] * sh["L"] * sh["D"]
+    return fwd * (1.0 if not case["backward"] else 1.0 + 2.0 / sh["L"])
 
 
 def make_inputs(case: dict, dtype, device, seed: int) -> dict:
@@ -70,16 +95,37 @@ def make_inputs(case: dict, dtype, device, seed: int) -> dict:
     return args
 
 
+def base_impl(impl: str) -> str:
+    return "cuda" if impl == "cuda-simt" else impl
+
+
+@contextlib.contextmanager
+def impl_environment(impl: str):
+    """cuda-simt: the CUDA op with its tensor-core kernels switched off (read by the bindings per call)."""
+    if impl != "cuda-simt":
+        yield
+        return
+    old = os.environ.get("KDC_CUDA_NO_TENSOR_CORES")
+    os.environ["KDC_CUDA_NO_TENSOR_CORES"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KDC_CUDA_NO_TENSOR_CORES", None)
+        else:
+            os.environ["KDC_CUDA_NO_TENSOR_CORES"] = old
+
+
 def why_not(case: dict, impl: str, device: torch.device, args: dict) -> list[str]:
     package, _ = OPS[case["op"]]
-    validated = {k: v for k, v in args.items()}
+    validated = dict(args)
     if case["op"] == "windowed_attention":
         validated.setdefault("scale", None)
     else:
         validated["normalize"] = True
         if case["op"] == "max_similarity":
             validated["return_index"] = False
-    return _backend.why_not(case["op"], package, impl, device, validated)
+    return _backend.why_not(case["op"], package, base_impl(impl), device, validated)
 
 
 def runner(case: dict, impl: str, inputs: list[dict]):
@@ -89,14 +135,15 @@ def runner(case: dict, impl: str, inputs: list[dict]):
 
     def run(i: int):
         args = inputs[i % len(inputs)]
-        if not case["backward"]:
-            with torch.no_grad():
-                return op(**args, impl=impl)
-        leaves = {n: (t.detach().requires_grad_(True) if n in grad_names and t is not None else t)
-                  for n, t in args.items()}
-        out = op(**leaves, impl=impl)
-        out.backward(torch.ones_like(out))
-        return out
+        with impl_environment(impl):
+            if not case["backward"]:
+                with torch.no_grad():
+                    return op(**args, impl=base_impl(impl))
+            leaves = {n: (t.detach().requires_grad_(True) if n in grad_names and t is not None else t)
+                      for n, t in args.items()}
+            out = op(**leaves, impl=base_impl(impl))
+            out.backward(torch.ones_like(out))
+            return out
 
     return run
 
@@ -105,52 +152,73 @@ def first_output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def order_impls(impls: list[str]) -> list[str]:
+    """cuda first, so that every later row can carry its ratio to it."""
+    return sorted(impls, key=lambda i: 0 if i == "cuda" else 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions")
     parser.add_argument("--out", default=None, help="folder for the JSON and markdown results")
-    parser.add_argument("--impls", default="cuda,triton,reference", help="comma-separated impls to compare")
+    parser.add_argument("--impls", default="cuda,cuda-simt,triton,reference",
+                        help="comma-separated impls to compare (cuda, cuda-simt, triton, reference)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--cases", default=None, help="comma-separated substrings: only the cases whose name has one")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new measurement starts (default: 55 with --quick, none otherwise)")
     opts = parser.parse_args()
 
+    t_start = time.perf_counter()
+    budget = opts.budget if opts.budget is not None else (55.0 if opts.quick else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[opts.dtype] if device.type == "cuda" else torch.float32
-    impls = [i.strip() for i in opts.impls.split(",") if i.strip()]
+    impls = order_impls([i.strip() for i in opts.impls.split(",") if i.strip()])
     env = common.environment(device)
-    reps = 10 if opts.quick else 20
+    reps, warmup, max_seconds = (10, 2, 3.0) if opts.quick else (20, 5, 10.0)
+    selected = [c for c in cases(opts.quick, device.type == "cuda")
+                if opts.cases is None or any(s.strip() in c["name"] for s in opts.cases.split(","))]
     rows = []
-    for case in cases(opts.quick, device.type == "cuda"):
-        inputs = [make_inputs(case, dtype, device, seed) for seed in (0, 1)]
-        times, outputs = {}, {}
+    for case in selected:
+        case_rows, base_ms, base_out = [], None, None
+        inputs = None
         for impl in impls:
-            reasons = why_not(case, impl, device, inputs[0])
             row = dict(case=case["name"], impl=impl, dtype=str(dtype).replace("torch.", ""))
-            if reasons:
-                rows.append(dict(row, note="; ".join(reasons)[:160]))
-                continue
-            fn = runner(case, impl, inputs)
-            try:
-                outputs[impl] = first_output(fn(0)).detach().float()
-                times[impl] = common.time_fn(fn, device, warmup=3, reps=reps, max_seconds=10.0)
-                memory = common.peak_memory_mib(lambda: fn(0), device)
-            except Exception as exc:  # noqa: BLE001 - one failing impl must not hide the others
-                rows.append(dict(row, note=f"failed: {type(exc).__name__}: {str(exc)[:140]}"))
-                continue
-            rows.append(dict(row, ms=times[impl], peak_mib=memory))
-        base = times.get("cuda")
-        for row in rows:
-            if row["case"] != case["name"] or "ms" not in row:
-                continue
-            if base is not None:
-                row["vs_cuda"] = row["ms"] / base  # > 1: slower than the CUDA kernels
-            if "cuda" in outputs and row["impl"] in outputs and row["impl"] != "cuda":
-                row["max_diff_vs_cuda"] = testing.max_abs_err(outputs[row["impl"]], outputs["cuda"])
-        print(common.markdown_table([r for r in rows if r["case"] == case["name"]],
-                                    ["case", "impl", "dtype", "ms", "vs_cuda", "max_diff_vs_cuda", "peak_mib", "note"]),
-              flush=True)
-    columns = ["case", "impl", "dtype", "ms", "vs_cuda", "max_diff_vs_cuda", "peak_mib", "note"]
+            if budget is not None and time.perf_counter() - t_start > budget:
+                row["note"] = f"not measured: the {budget:.0f} s budget was spent"
+            else:
+                if inputs is None:
+                    inputs = [make_inputs(case, dtype, device, seed) for seed in (0, 1)]
+                reasons = why_not(case, impl, device, inputs[0])
+                if reasons:
+                    row["note"] = "; ".join(reasons)[:160]
+                else:
+                    fn = runner(case, impl, inputs)
+                    try:
+                        out = first_output(fn(0)).detach().float()
+                        ms = common.time_fn(fn, device, warmup=warmup, reps=reps, max_seconds=max_seconds)
+                        row.update(ms=ms, tflops=flops(case) / (ms * 1e-3) / 1e12 if ms else None,
+                                   peak_mib=common.peak_memory_mib(lambda: fn(0), device))
+                        if impl == "cuda":
+                            base_ms, base_out = ms, out
+                        else:
+                            if base_ms is not None:
+                                row["vs_cuda"] = ms / base_ms
+                            if base_out is not None and out.shape == base_out.shape:
+                                row["max_diff_vs_cuda"] = testing.max_abs_err(
+                                    torch.nan_to_num(out, neginf=0.0), torch.nan_to_num(base_out, neginf=0.0))
+                    except Exception as exc:  # noqa: BLE001 - one failing impl must not hide the others
+                        row["note"] = f"failed: {type(exc).__name__}: {str(exc)[:140]}"
+            common.print_rows([row])
+            case_rows.append(row)
+        rows += case_rows
+        print(common.markdown_table(case_rows, COLUMNS), flush=True)
+        del inputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"bench_cuda_kernels: {time.perf_counter() - t_start:.1f} s", flush=True)
     if opts.out:
-        path = common.write_results("bench_cuda_kernels", opts.out, env, rows, columns)
+        path = common.write_results("bench_cuda_kernels", opts.out, env, rows, COLUMNS)
         print(f"wrote {path} and {path.with_suffix('.json')}")
 
 

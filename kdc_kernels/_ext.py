@@ -7,9 +7,13 @@ or worse): the reason says so. With ``KDC_JIT=1`` and a source checkout (editabl
 extension is compiled on first use with ``torch.utils.cpp_extension.load`` into a versioned cache
 folder (one per torch, CUDA, architectures and sources) when no usable prebuilt one is found.
 
-The library registers CUDA kernels for the ``kdc::cuda_*`` ops whose schemas, fake
-implementations and autograd are declared in Python (``kdc_kernels/ops/*/_cuda.py``), so tracing,
-fake tensors and ``opcheck`` work whether or not it is built.
+The ``kdc::cuda_*`` ops are declared in Python (``kdc_kernels/ops/*/_cuda.py``: schema, fake
+implementation, autograd), so tracing, fake tensors and ``opcheck`` work whether or not the library
+is built. Each has a Python kernel that checks its arguments (``check_*`` below: shapes, dtypes,
+devices, the kernels' limits) and then calls the private op ``kdc::cuda_*_kernel`` with the same
+schema, which is what the library implements. Bad arguments are therefore reported by Python
+before any compiled code runs; the library repeats the checks (``TORCH_CHECK``) for direct calls
+of the private ops.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ CUDA_OPS = {
     "max_similarity": ("cuda_max_similarity_fwd", "cuda_max_similarity_bwd"),
     "max_similarity_topk": ("cuda_max_similarity_topk",),
 }
+
+KERNEL_SUFFIX = "_kernel"  # kdc::<compiled op><suffix>: the private op the library implements
 
 _state: dict = {"tried": False, "loaded": False, "reason": "", "info": None, "path": None}
 
@@ -126,4 +132,72 @@ def has_op(op_name: str) -> bool:
     loaded, _ = status()
     if not loaded:
         return False
-    return all(_has_cuda_kernel(f"kdc::{name}") for name in CUDA_OPS.get(op_name, (op_name,)))
+    return all(_has_cuda_kernel(f"kdc::{name}{KERNEL_SUFFIX}") for name in CUDA_OPS.get(op_name, (op_name,)))
+
+
+# --- argument checks of the compiled ops -----------------------------------------------------------
+
+
+class OpArgumentError(ValueError, RuntimeError):
+    """A bad argument of a ``kdc::cuda_*`` op: a ValueError, and a RuntimeError as torch's own ops
+    raise (and as the library's ``TORCH_CHECK`` does for the private ops)."""
+
+
+def fail(*parts) -> None:
+    raise OpArgumentError("".join(str(p) for p in parts))
+
+
+def runs_on(t: torch.Tensor, kernel_op: str) -> bool:
+    """Whether the compiled kernels of ``kernel_op`` can take ``t``'s device: a CUDA tensor, or a CPU
+    tensor when a CPU build of the kernels is registered (the tests' CUDA emulation)."""
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and torch._C._dispatch_has_kernel_for_dispatch_key(kernel_op, "CPU")
+
+
+def check_tensor(t, name: str, rank: int, layout: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        fail(name, " must be a tensor ", layout, ", got ", type(t).__name__)
+    if t.dim() != rank:
+        fail(name, " must be a ", rank, "-D tensor ", layout, ", got shape ", list(t.shape))
+    return t
+
+
+def check_floating(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        fail(name, " must have dtype float32, float16 or bfloat16, got ", t.dtype)
+
+
+def check_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, kernel_op: str) -> None:
+    if t.device != ref.device:
+        fail(name, " must be on the same device as ", ref_name, " (", ref.device, "), got ", t.device)
+    if not runs_on(t, kernel_op):
+        fail(name, " must be a CUDA tensor, got a tensor on ", t.device)
+
+
+def check_like(t, name: str, ref: torch.Tensor, ref_name: str, layout: str, kernel_op: str) -> None:
+    """``t`` has the rank, device, dtype and shape of ``ref``."""
+    check_tensor(t, name, ref.dim(), layout)
+    check_device(t, name, ref, ref_name, kernel_op)
+    if t.dtype != ref.dtype:
+        fail(name, " must have the same dtype as ", ref_name, " (", ref.dtype, "), got ", t.dtype)
+    if t.shape != ref.shape:
+        fail(name, " must have shape ", layout, " = ", list(ref.shape), ", got ", list(t.shape))
+
+
+def check_lengths(lengths, n: int, dim: str, ref: torch.Tensor, kernel_op: str) -> None:
+    """Optional ``[n]`` integer tensor (its values are the caller's business: the kernels clamp
+    them to ``[0, L]``)."""
+    if lengths is None:
+        return
+    check_tensor(lengths, "lengths", 1, f"[{dim}]")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        fail("lengths must have an integer dtype, got ", lengths.dtype)
+    if lengths.shape[0] != n:
+        fail("lengths must have shape [", dim, "] = (", n, ",), got ", list(lengths.shape))
+    check_device(lengths, "lengths", ref, "the inputs", kernel_op)
+
+
+def check_below_2_31(value: int, what: str) -> None:
+    if value >= 2**31:
+        fail(what, " must be below 2^31, got ", value)

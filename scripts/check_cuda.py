@@ -3,7 +3,8 @@
 
 * Every ``csrc/**/*.cu`` file is compiled torch-free with ``nvcc -c -std=c++17 -arch=sm_90`` and
   ``-arch=sm_80`` (``--arch`` to change), with ``-Xptxas -v``: a syntax or template error fails the
-  check, and the registers and spills of every kernel are printed (spills are flagged). Every arch
+  check, and the registers, spills and tensor-core instructions (``mma.sync`` / ``wmma.mma`` in the
+  kernel's PTX, kept with ``-keep``) of every kernel are printed (spills are flagged). Every arch
   after the first also gets the defines torch's CUDAExtension adds (``-D__CUDA_NO_HALF_OPERATORS__``
   ...), so both the plain compile and the one setup.py runs are covered.
 * Every ``csrc/**/*.cpp`` binding is syntax-checked (``g++ -fsyntax-only``) against the installed
@@ -81,13 +82,58 @@ def ptxas_report(output: str) -> list[tuple[str, int, int, int]]:
     return [(_short(names[r[0]]), r[1], r[2], r[3]) for r in rows]
 
 
+def keep_dir(out_dir: Path, source: Path, arch: str) -> Path:
+    """Where compile_cu keeps nvcc's intermediate files (the PTX among them) for one source and arch."""
+    return out_dir / f"{source.stem}.{arch}.keep"
+
+
 def compile_cu(nvcc: str, source: Path, arch: str, torch_defines: bool, out_dir: Path) -> tuple[bool, str, float]:
+    """nvcc -c of one .cu file: (ok, compiler output incl. -Xptxas -v, seconds). The object is
+    ``out_dir/<stem>.<arch>.o``; the PTX stays in ``keep_dir(out_dir, source, arch)/<stem>.ptx``."""
     t0 = time.perf_counter()
     obj = out_dir / f"{source.stem}.{arch}.o"
+    keep = keep_dir(out_dir, source, arch)
+    keep.mkdir(parents=True, exist_ok=True)
     cmd = [nvcc, "-c", f"-arch={arch}", *NVCC_FLAGS, *(TORCH_NVCC_DEFINES if torch_defines else []), f"-I{CSRC}",
-           str(source), "-o", str(obj)]
+           "-keep", f"-keep-dir={keep}", str(source), "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return proc.returncode == 0, proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+_TENSOR_CORE_PTX = re.compile(r"^\s*(?:@%\w+\s+)?(?:mma\.sync|wmma\.mma\.sync|wgmma\.mma_async)\b", re.MULTILINE)
+
+
+def tensor_core_counts(ptx: str) -> dict[str, int]:
+    """Tensor-core instructions (mma.sync, wmma.mma.sync, wgmma.mma_async) in each kernel (.entry)
+    of a PTX file, by mangled name. (mma.sync m16n8k16 becomes one HMMA in SASS.)"""
+    counts, pieces = {}, re.split(r"^\.(?:visible\s+)?\.entry\s+", ptx, flags=re.MULTILINE)
+    for piece in pieces[1:]:
+        name = re.match(r"(\w+)", piece).group(1)
+        body = piece.split("\n.func", 1)[0].split("\n.entry", 1)[0]
+        counts[name] = len(_TENSOR_CORE_PTX.findall(body))
+    return counts
+
+
+def kernel_rows(output: str, ptx: str | None) -> list[tuple[str, int, int, int, int | None]]:
+    """(kernel, registers, spill store bytes, spill load bytes, tensor-core instructions or None
+    without PTX) for every function of one compile."""
+    rows, current, spills = [], None, (0, 0)
+    for line in output.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            spills = (int(m.group(1)), int(m.group(2)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            rows.append((current, int(m.group(1)), *spills))
+            current, spills = None, (0, 0)
+    counts = tensor_core_counts(ptx) if ptx is not None else {}
+    names = _demangle([r[0] for r in rows])
+    return [(_short(names[r[0]]), r[1], r[2], r[3], counts.get(r[0]) if ptx is not None else None) for r in rows]
 
 
 def binding_command() -> tuple[list[str] | None, str, tempfile.TemporaryDirectory | None]:
@@ -156,14 +202,17 @@ def main() -> int:
                     failed = True
                     print(f"FAIL {rel} [{arch}] ({seconds:.1f} s): {' '.join(NVCC_FLAGS)}\n{output}")
                     continue
-                rows = ptxas_report(output)
+                ptx_file = keep_dir(Path(out_dir), source, arch) / f"{source.stem}.ptx"
+                rows = kernel_rows(output, ptx_file.read_text() if ptx_file.is_file() else None)
                 spilling = [r for r in rows if r[2] or r[3]]
+                with_tc = [r for r in rows if r[4]]
                 label = arch + (" + torch defines" if args.arch.index(arch) > 0 else "")
                 print(f"ok   {rel} [{label}] ({seconds:.1f} s): {len(rows)} kernels, max {max((r[1] for r in rows), default=0)} "
-                      f"registers, {len(spilling)} spilling")
-                for name, regs, stores, loads in rows:
+                      f"registers, {len(spilling)} spilling, {len(with_tc)} with tensor-core instructions")
+                for name, regs, stores, loads, tc in rows:
                     flag = "  SPILL" if stores or loads else ""
-                    print(f"       {regs:4d} regs  {stores:4d}/{loads:<4d} B spill st/ld  {name}{flag}")
+                    tc_text = "   ?" if tc is None else f"{tc:4d}"
+                    print(f"       {regs:4d} regs  {stores:4d}/{loads:<4d} B spill st/ld  {tc_text} mma  {name}{flag}")
                 warnings = [line for line in output.splitlines() if "warning" in line.lower()]
                 for line in warnings:
                     print(f"       {line}")

@@ -13,6 +13,10 @@ PY=${PYTHON:-python}
 export KDC_EMU_ASAN=1
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
 LIBASAN=$(${CC:-gcc} -print-file-name=libasan.so)
+# libstdc++ preloaded too: ASAN intercepts __cxa_throw, and with only libasan preloaded into Python
+# (which does not link libstdc++) the first C++ exception (an error raised by a Python kernel
+# through the dispatcher) aborts with "real___cxa_throw != 0".
+LIBSTDCXX=$(${CXX:-g++} -print-file-name=libstdc++.so)
 SELECT=(-k "emulated and (sanitizer or window_edges or rounds)")
 for arg in "$@"; do [ "$arg" = "-k" ] && SELECT=(); done
-LD_PRELOAD="$LIBASAN" exec "$PY" -m pytest tests/ops/test_cuda_ops.py -q -p no:cacheprovider "${SELECT[@]}" "$@"
+LD_PRELOAD="$LIBASAN $LIBSTDCXX" exec "$PY" -m pytest tests/ops/test_cuda_ops.py -q -p no:cacheprovider "${SELECT[@]}" "$@"

@@ -138,3 +138,56 @@ def test_build_info_written_beside_the_library(tmp_path):
     assert len(built) == 1 and any(p.name.startswith("_tiny") for p in built[0].parent.iterdir())
     assert json.loads((pkg / _build.BUILD_INFO_NAME).read_text()) == {"torch": "x", "cuda": "y"}
     assert list(pkg.glob("_tiny*.so"))
+
+
+def test_check_cuda_counts_tensor_core_instructions():
+    """scripts/check_cuda.py attributes the mma instructions of a PTX file to its kernels and joins
+    them with ptxas's registers and spills (what scripts/kernel_report.py reads)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import check_cuda
+    finally:
+        sys.path.pop(0)
+    ptx = textwrap.dedent("""
+        .func  (.param .b32 r) _Z4slowv()
+        {
+        }
+        .visible .entry _Z2k1v(
+        )
+        {
+            mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f1, %f2, %f3, %f4};
+            @%p1 mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f1, %f2, %f3, %f4};
+            wmma.mma.sync.aligned.row.col.m16n16k16.f32.f16.f16.f32 {%f1}, {%r1}, {%r2}, {%f1};
+        }
+        .visible .entry _Z2k2v(
+        )
+        {
+            fma.rn.f32 %f1, %f2, %f3, %f4;
+        }
+    """)
+    assert check_cuda.tensor_core_counts(ptx) == {"_Z2k1v": 3, "_Z2k2v": 0}
+    output = ("ptxas info    : Function properties for _Z2k1v\n"
+              "    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+              "ptxas info    : Used 96 registers, used 1 barriers\n"
+              "ptxas info    : Function properties for _Z2k2v\n"
+              "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+              "ptxas info    : Used 32 registers\n")
+    rows = check_cuda.kernel_rows(output, ptx)
+    assert [r[1:] for r in rows] == [(96, 8, 4, 3), (32, 0, 0, 0)]
+    assert [r[4] for r in check_cuda.kernel_rows(output, None)] == [None, None]
+
+
+def test_bench_cuda_kernels_smoke():
+    """benchmarks/bench_cuda_kernels.py runs without a GPU (tiny shapes, the impls that can run) and
+    prints every row as a JSON line the moment it is measured."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cuda_kernels.py"), "--quick",
+                           "--cases", "attn L=32,topk", "--impls", "cuda,reference"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    assert [(r["case"], r["impl"]) for r in rows] == [("attn L=32 fwd+bwd", "cuda"), ("attn L=32 fwd+bwd", "reference"),
+                                                      ("topk TVR k=100", "cuda"), ("topk TVR k=100", "reference")]
+    assert all(r["ms"] > 0 for r in rows if r["impl"] == "reference")
+    if not torch.cuda.is_available():
+        assert all("note" in r for r in rows if r["impl"] == "cuda")

@@ -2,7 +2,9 @@
 // messages, tensor -> launcher descriptors, output allocation, stream and error handling.
 //
 // The schemas of the ops are declared in Python (kdc_kernels/ops/*/_cuda.py, with their fake
-// implementations and autograd); the bindings only register CUDA kernels for them.
+// implementations and autograd). The public ops kdc::cuda_* have Python kernels that check every
+// argument and then call the private ops kdc::cuda_*_kernel registered here; the checks below are
+// repeated so that a direct call of a private op is still refused cleanly.
 //
 // KDC_CUDA_EMULATION (tests only, see tests/cuda_emulation/) builds the same bindings for CPU
 // tensors on top of an emulated CUDA runtime, registering them under the CPU dispatch key.
@@ -52,9 +54,11 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
               "), got ", t.device());
 }
 
+// Rank only: zero-size dimensions are allowed (empty inputs give empty outputs, as in torch);
+// the bindings return before launching anything for them.
 inline void check_rank(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor ", layout, ", got an undefined tensor");
   TORCH_CHECK(t.dim() == rank, name, " must be a ", rank, "-D tensor ", layout, ", got shape ", t.sizes());
-  TORCH_CHECK(t.numel() > 0, name, " must not be empty, got shape ", t.sizes());
 }
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected, const char* layout) {
@@ -99,10 +103,12 @@ inline std::optional<at::Tensor> lengths_int64(const std::optional<at::Tensor>& 
                                                const at::Tensor& ref) {
   if (!lengths.has_value()) return std::nullopt;
   const at::Tensor& t = *lengths;
+  TORCH_CHECK(t.defined(), "lengths must be a tensor [", dim, "] or None, got an undefined tensor");
+  TORCH_CHECK(t.dim() == 1, "lengths must be a 1-D tensor [", dim, "], got shape ", t.sizes());
   TORCH_CHECK(!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type()) &&
                   t.scalar_type() != at::kBool,
               "lengths must have an integer dtype, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "lengths must have shape [", dim, "] = (", n, ",), got ", t.sizes());
+  TORCH_CHECK(t.size(0) == n, "lengths must have shape [", dim, "] = (", n, ",), got ", t.sizes());
   check_device(t, "lengths", ref, "the inputs");
   return t.to(at::kLong).contiguous();
 }
@@ -118,10 +124,12 @@ inline ConstStrided strided(const at::Tensor& t) {
 
 // Test hook: with KDC_POISON_OUTPUTS=1 every output is filled with NaN (integers with -1) before
 // the kernels run, so an element a kernel forgets to write fails the comparison with the reference.
-inline bool poison_outputs() {
-  const char* raw = std::getenv("KDC_POISON_OUTPUTS");
+inline bool env_flag(const char* name) {
+  const char* raw = std::getenv(name);
   return raw != nullptr && (std::strcmp(raw, "1") == 0 || std::strcmp(raw, "true") == 0);
 }
+
+inline bool poison_outputs() { return env_flag("KDC_POISON_OUTPUTS"); }
 
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);

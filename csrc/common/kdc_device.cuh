@@ -55,15 +55,24 @@ __device__ __forceinline__ float group_max(float x) {
   return x;
 }
 
-// (value, index) maximum with ties going to the lower index: a total order (for non-NaN values),
-// so the butterfly gives every lane the same winner.
+// Whether (a, ia) comes before (b, ib) in torch.max's order: NaN above everything (a NaN
+// propagates, as torch.max does), then larger values, ties to the lower index. A total order,
+// so a reduction with it is exact and the same in every lane.
+__device__ __forceinline__ bool argmax_before(float a, int ia, float b, int ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  return a > b || ((a == b || na) && ia < ib);
+}
+
+// (value, index) maximum in argmax_before's order over groups of WIDTH lanes: every lane of the
+// group ends with the same winner.
 template <int WIDTH>
 __device__ __forceinline__ void group_argmax(float& value, int& index) {
 #pragma unroll
   for (int off = WIDTH / 2; off > 0; off >>= 1) {
     const float v = __shfl_xor_sync(kFullMask, value, off);
     const int i = __shfl_xor_sync(kFullMask, index, off);
-    if (v > value || (v == value && i < index)) {
+    if (argmax_before(v, i, value, index)) {
       value = v;
       index = i;
     }

@@ -1,13 +1,15 @@
 // max_similarity forward (score + lowest argmax per (query, video)) and backward.
 //
 // Forward: one block per (64 queries, group of videos); the [Nq, Nv, L] similarities are never
-// written. Backward, with g = d score and l* = index[n, v]:
+// written. bf16 / fp16 with D <= 512 run on tensor cores with cp.async double buffering (see
+// tc_score.cuh); fp32 keeps the exact SIMT loop (score_tile.cuh), as do fp16 / bf16 with larger D
+// (WMMA) or KDC_CUDA_NO_TENSOR_CORES=1. Backward, with g = d score and l* = index[n, v]:
 //   d q^_n       = sum_v g[n, v] c^_{v, l*}          (one warp per query, videos in order)
 //   d c^_{v, l}  = sum_{n : l* = l} g[n, v] q^_n     (one warp per (video, clip), queries in order:
 //                                                   a ballot over the transposed index finds them)
 // then the normalisation Jacobian d x = (d x^ - x^ <d x^, x^>) / |x| (|x| >= eps; d x^ / eps
 // otherwise). Every sum has a fixed order and there are no atomics: bitwise reproducible.
-#include "max_similarity/score_tile.cuh"
+#include "max_similarity/tc_score.cuh"
 
 namespace kdc {
 namespace msim {
@@ -15,7 +17,7 @@ namespace msim {
 constexpr int kVideosPerBlock = 4;
 
 template <typename T, int BC>
-__global__ void __launch_bounds__(kThreads) max_sim_fwd_kernel(const MaxSimParams p, float* score, int64_t* index) {
+__global__ void __launch_bounds__(kThreads, 1) max_sim_fwd_kernel(const MaxSimParams p, float* score, int64_t* index) {
   char* smem = reinterpret_cast<char*>(dynamic_smem());
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   const int64_t q0 = static_cast<int64_t>(blockIdx.y) * BQ;
@@ -52,6 +54,62 @@ cudaError_t launch_fwd(const MaxSimParams& p, float* score, int64_t* index, cuda
   return cudaGetLastError();
 }
 
+// The tensor-core forward (bf16 / fp16): one block per (64 queries, `vpb` consecutive videos); the
+// query tile stays in shared memory across the block's videos (tc_score.cuh).
+template <typename T, int BC>
+__global__ void __launch_bounds__(msim_tc::kThreads) max_sim_tc_fwd_kernel(const MaxSimParams p, float* score,
+                                                                          int64_t* index, int vpb, bool vec) {
+  char* smem = reinterpret_cast<char*>(dynamic_smem());
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * msim_tc::BQ;
+  const int64_t v_begin = static_cast<int64_t>(blockIdx.x) * vpb;
+  const int64_t v_end = v_begin + vpb < p.Nv ? v_begin + vpb : p.Nv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  msim_tc::score_videos<T, BC>(p, smem, q0, v_begin, v_end, vec, [&](int64_t v, const float* best, const int* arg) {
+    if (t != 0) return;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = q0 + warp * 16 + g + 8 * h;
+      if (n < p.Nq) {
+        score[n * p.Nv + v] = best[h];
+        index[n * p.Nv + v] = arg[h];
+      }
+    }
+  });
+}
+
+// Videos per block of the tensor-core forward: enough blocks to fill the GPU, else more videos per
+// block (each block stages its query tile once).
+inline int videos_per_block(int64_t Nq, int64_t Nv) {
+  const int64_t qtiles = ceil_div<int64_t>(Nq, msim_tc::BQ);
+  const int64_t vpb = ceil_div<int64_t>(qtiles * Nv, 1024);
+  return static_cast<int>(vpb < 1 ? 1 : (vpb > 16 ? 16 : vpb));
+}
+
+// Launches the tensor-core forward; cudaErrorNotSupported when its shared memory exceeds what the
+// device offers (the caller then runs the WMMA kernel).
+template <typename T>
+cudaError_t launch_tc_fwd(const MaxSimParams& p, float* score, int64_t* index, cudaStream_t stream) {
+  cudaError_t err = launch_norms<T>(p, stream);
+  if (err != cudaSuccess) return err;
+  const int BC = msim_tc::clip_tile(p.L, p.D);
+  const size_t smem = msim_tc::scoring_smem_bytes<T>(BC, p.D);
+  const int vpb = videos_per_block(p.Nq, p.Nv);
+  const int64_t gx = ceil_div<int64_t>(p.Nv, vpb), gy = ceil_div<int64_t>(p.Nq, msim_tc::BQ);
+  if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidConfiguration;
+  const bool vec = msim_tc::vec16_ok(p);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  if (BC == 32) {
+    auto kernel = max_sim_tc_fwd_kernel<T, 32>;
+    if (prepare_smem(kernel, smem) != cudaSuccess) return cudaErrorNotSupported;
+    kernel<<<grid, msim_tc::kThreads, smem, stream>>>(p, score, index, vpb, vec);
+  } else {
+    auto kernel = max_sim_tc_fwd_kernel<T, 64>;
+    if (prepare_smem(kernel, smem) != cudaSuccess) return cudaErrorNotSupported;
+    kernel<<<grid, msim_tc::kThreads, smem, stream>>>(p, score, index, vpb, vec);
+  }
+  return cudaGetLastError();
+}
+
 // Finishes one gradient row held in `acc` (this warp's shared-memory row of D floats): applies the
 // normalisation Jacobian of row x (strided, `norm` its L2 norm) and writes it to `out`.
 template <typename T>
@@ -82,6 +140,7 @@ __global__ void __launch_bounds__(kThreads) max_sim_bwd_queries_kernel(const Max
   for (int d = lane; d < p.D; d += 32) acc[d] = 0.f;
   const T* cp = static_cast<const T*>(p.clips.ptr);
   for (int64_t v = 0; v < p.Nv; ++v) {
+    if (video_length(p.lengths, v, p.L) == 0) continue;  // score -inf, no gradient (its index 0 is padding)
     int64_t l = bp.index[n * p.Nv + v];
     l = l < 0 ? 0 : (l >= p.L ? p.L - 1 : l);  // only a NaN forward could leave it out of range
     float w = bp.grad[n * bp.grad_stride[0] + v * bp.grad_stride[1]];
@@ -151,6 +210,12 @@ cudaError_t launch_bwd(const MaxSimBwdParams& bp, cudaStream_t stream) {
 cudaError_t max_sim_fwd(const MaxSimParams& p, float* score, int64_t* index, cudaStream_t stream) {
   if (p.Nq < 1 || p.Nv < 1 || p.L < 1 || p.D < 1 || score == nullptr || index == nullptr) return cudaErrorInvalidValue;
   KDC_DISPATCH_DTYPE(p.dtype, {
+    if constexpr (!std::is_same<scalar_t, float>::value) {
+      if (p.tensor_cores && p.D <= msim_tc::kMaxD) {
+        const cudaError_t err = msim::launch_tc_fwd<scalar_t>(p, score, index, stream);
+        if (err != cudaErrorNotSupported) return err;
+      }
+    }
     if (p.L <= 32) return msim::launch_fwd<scalar_t, 32>(p, score, index, stream);
     return msim::launch_fwd<scalar_t, 64>(p, score, index, stream);
   });

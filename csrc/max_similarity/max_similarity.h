@@ -18,12 +18,15 @@ struct MaxSimParams {
   int L = 0, D = 0;
   ConstStrided queries;              // [Nq, D], dtype, any strides
   ConstStrided clips;                // [Nv, L, D], dtype, any strides
-  const int64_t* lengths = nullptr;  // [Nv] in [1, L], or nullptr (all L)
+  const int64_t* lengths = nullptr;  // [Nv] in [0, L] (clamped), or nullptr (all L); 0: score -inf, index 0
   bool normalize = true;
   // With normalize: the L2 norms, fp32 [Nq] and [Nv * L]. Written by max_sim_fwd and
   // max_sim_topk, read by max_sim_bwd (pass the forward's).
   float* query_norms = nullptr;
   float* clip_norms = nullptr;
+  // bf16 / fp16 scoring on the mma.sync tensor-core path (tc_score.cuh) unless false (then the
+  // WMMA path of score_tile.cuh).
+  bool tensor_cores = true;
 };
 
 // score: fp32 [Nq, Nv] contiguous; index: int64 [Nq, Nv] contiguous.

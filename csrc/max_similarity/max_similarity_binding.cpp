@@ -1,5 +1,6 @@
-// Torch binding of the max_similarity / max_similarity_topk CUDA kernels. Schemas (declared in
-// Python, _cuda.py):
+// Torch binding of the max_similarity / max_similarity_topk CUDA kernels, registered as the
+// private ops kdc::<name>_kernel that the public ops' Python kernels call after their own checks.
+// Schemas (declared in Python, _cuda.py):
 //   kdc::cuda_max_similarity_fwd(Tensor queries, Tensor clips, Tensor? lengths, bool normalize)
 //       -> (Tensor score, Tensor index, Tensor query_norms, Tensor clip_norms)
 //   kdc::cuda_max_similarity_bwd(Tensor grad_score, Tensor queries, Tensor clips, Tensor? lengths,
@@ -35,6 +36,8 @@ Inputs check_inputs(const at::Tensor& queries, const at::Tensor& clips, const st
   check_fits_int(clips.size(1), "L");
   check_fits_int(clips.size(2), "D");
   check_fits_int(clips.size(0), "Nv");
+  TORCH_CHECK(clips.size(1) >= 1 && clips.size(2) >= 1, "the CUDA max_similarity kernels need L >= 1 and D >= 1, "
+              "got clips of shape ", clips.sizes());
   Inputs in;
   MaxSimParams& p = in.params;
   p.dtype = dtype_of(queries, "queries");
@@ -45,6 +48,7 @@ Inputs check_inputs(const at::Tensor& queries, const at::Tensor& clips, const st
   p.queries = strided<2>(queries);
   p.clips = strided<3>(clips);
   p.normalize = normalize;
+  p.tensor_cores = !env_flag("KDC_CUDA_NO_TENSOR_CORES");
   in.lengths = lengths_int64(lengths, p.Nv, "Nv", queries);
   if (in.lengths.has_value()) p.lengths = in.lengths->data_ptr<int64_t>();
   return in;
@@ -70,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> max_similarity_fwd(
   auto [qn, cn] = new_norms(p, queries);
   at::Tensor score = new_output({p.Nq, p.Nv}, queries.options().dtype(at::kFloat));
   at::Tensor index = new_output({p.Nq, p.Nv}, queries.options().dtype(at::kLong));
+  if (score.numel() == 0) return {score, index, qn, cn};  // Nq or Nv is 0
   check_launch(max_sim_fwd(p, score.data_ptr<float>(), index.data_ptr<int64_t>(), current_stream(queries)),
                "max_similarity forward kernel");
   return {score, index, qn, cn};
@@ -116,6 +121,11 @@ std::tuple<at::Tensor, at::Tensor> max_similarity_bwd(const at::Tensor& grad_sco
   const auto options = queries.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor grad_queries = new_output(queries.sizes(), options);
   at::Tensor grad_clips = new_output(clips.sizes(), options);
+  if (f.Nq == 0 || f.Nv == 0) {  // no score: zero gradients
+    grad_queries.zero_();
+    grad_clips.zero_();
+    return {grad_queries, grad_clips};
+  }
   p.grad_queries = grad_queries.data_ptr();
   p.grad_clips = grad_clips.data_ptr();
   check_launch(max_sim_bwd(p, current_stream(queries)), "max_similarity backward kernels");
@@ -129,6 +139,9 @@ std::tuple<at::Tensor, at::Tensor> max_similarity_topk(const at::Tensor& queries
   Inputs in = check_inputs(queries, clips, lengths, normalize);
   MaxSimParams& p = in.params;
   TORCH_CHECK(k >= 1 && k <= p.Nv, "k must lie in [1, Nv] = [1, ", p.Nv, "], got ", k);
+  if (p.Nq == 0) {
+    return {new_output({0, k}, queries.options().dtype(at::kFloat)), new_output({0, k}, queries.options().dtype(at::kLong))};
+  }
   auto norms = new_norms(p, queries);  // scratch: only the kernels read them
   // Test hooks: force several merge rounds and query chunks on small problems.
   const char* round_splits = std::getenv("KDC_TOPK_ROUND_SPLITS");
@@ -161,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> max_similarity_topk(const at::Tensor& queries
 }  // namespace kdc
 
 TORCH_LIBRARY_IMPL(kdc, KDC_BACKEND, m) {
-  m.impl("cuda_max_similarity_fwd", &kdc::max_similarity_fwd);
-  m.impl("cuda_max_similarity_bwd", &kdc::max_similarity_bwd);
-  m.impl("cuda_max_similarity_topk", &kdc::max_similarity_topk);
+  m.impl("cuda_max_similarity_fwd_kernel", &kdc::max_similarity_fwd);
+  m.impl("cuda_max_similarity_bwd_kernel", &kdc::max_similarity_bwd);
+  m.impl("cuda_max_similarity_topk_kernel", &kdc::max_similarity_topk);
 }

@@ -3,21 +3,22 @@
 // Order: higher score first, ties -> lower video index (a total order once NaN scores are ranked
 // as -inf, so every selection below is exact and reproducible).
 //
-// 1. partial: one block per (64 queries, split of kSplit = 256 videos) scores its split into
-//    shared memory (the max_similarity scoring loop), then each warp sorts one query's row with a
-//    bitonic network and writes the best min(k, split) (score, video) pairs: a sorted list.
+// 1. partial: one block per (64 queries, split of kSplit = 128 videos) scores its split into
+//    shared memory (the max_similarity scoring loop: tensor cores with cp.async double buffering
+//    and the query tile kept on chip for bf16 / fp16, see tc_score.cuh), then each warp sorts one
+//    query's row with a bitonic network and writes the best min(k, split) (score, video) pairs.
 // 2. merge: one warp per query merges the running top-k list and up to 31 split lists (one list
 //    head per lane; a shuffle argmax picks the next best) into a new top-k list.
 // Rounds of `splits_per_round` splits repeat 1 and 2; query chunks bound the workspace
 // (kTopkWorkspaceBytes, 256 MB) whatever Nq, Nv and k.
 #include <climits>
 
-#include "max_similarity/score_tile.cuh"
+#include "max_similarity/tc_score.cuh"
 
 namespace kdc {
 namespace msim {
 
-constexpr int kSplit = 256;  // videos per split (a power of two: the sort size)
+constexpr int kSplit = 128;  // videos per split (a power of two: the sort size)
 
 // NaN ranks as -inf, so that the comparison is a total order.
 __device__ __forceinline__ float rank_key(float s) { return isnan(s) ? -INFINITY : s; }
@@ -80,37 +81,17 @@ __host__ __device__ constexpr int partial_smem_bytes() {
          static_cast<int>(sizeof(int)) * (kThreads / 32) * kSplit;
 }
 
-template <typename T, int BC>
-__global__ void __launch_bounds__(kThreads) topk_partial_kernel(const MaxSimParams p, const TopkRound r) {
-  char* smem = reinterpret_cast<char*>(dynamic_smem());
-  float* slab = reinterpret_cast<float*>(smem + staging_bytes<T, BC>());
-  int* ids = reinterpret_cast<int*>(slab + BQ * kSplit);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+// Each of the NWARPS warps sorts rows of the [BQ][kSplit] score slab (videos v0 .. v0 + count) best
+// first and writes the best min(k, count) of each as the block's split list.
+template <int NWARPS>
+__device__ __forceinline__ void sort_rows(float* slab, int* ids, const TopkRound& r, int64_t q_local0, int64_t v0,
+                                          int count) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t split = r.split_begin + blockIdx.x;
-  const int64_t v0 = split * kSplit;
-  const int count = static_cast<int>(split_size(split, p.Nv));
-  const int64_t q_local0 = static_cast<int64_t>(blockIdx.y) * BQ;  // within the chunk
-  const int64_t q0 = r.q_begin + q_local0;
-
-  float qscale[RM];
-  query_scales(p, q0, ty, qscale);
-  for (int vi = 0; vi < count; ++vi) {
-    float best[RM];
-    int arg[RM];
-    score_video<T, BC>(p, smem, q0, v0 + vi, video_length(p.lengths, v0 + vi, p.L), qscale, best, arg);
-    if (tx == 0) {
-#pragma unroll
-      for (int a = 0; a < RM; ++a) slab[(ty + 16 * a) * kSplit + vi] = best[a];
-    }
-  }
-  __syncthreads();
-
   int N = 1;
   while (N < count) N <<= 1;
   const int kk = static_cast<int>(r.kcap < count ? r.kcap : count);
   int* id = ids + warp * kSplit;
-  for (int row = warp; row < BQ; row += kThreads / 32) {
+  for (int row = warp; row < BQ; row += NWARPS) {
     const int64_t q_local = q_local0 + row;
     if (q_local >= r.q_count) break;  // the same in the whole warp
     float* s = slab + row * kSplit;
@@ -131,6 +112,60 @@ __global__ void __launch_bounds__(kThreads) topk_partial_kernel(const MaxSimPara
     }
     __syncwarp();  // `id` is rewritten for the next row
   }
+}
+
+template <typename T, int BC>
+__global__ void __launch_bounds__(kThreads, 1) topk_partial_kernel(const MaxSimParams p, const TopkRound r) {
+  char* smem = reinterpret_cast<char*>(dynamic_smem());
+  float* slab = reinterpret_cast<float*>(smem + staging_bytes<T, BC>());
+  int* ids = reinterpret_cast<int*>(slab + BQ * kSplit);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t split = r.split_begin + blockIdx.x;
+  const int64_t v0 = split * kSplit;
+  const int count = static_cast<int>(split_size(split, p.Nv));
+  const int64_t q_local0 = static_cast<int64_t>(blockIdx.y) * BQ;  // within the chunk
+  const int64_t q0 = r.q_begin + q_local0;
+
+  float qscale[RM];
+  query_scales(p, q0, ty, qscale);
+  for (int vi = 0; vi < count; ++vi) {
+    float best[RM];
+    int arg[RM];
+    score_video<T, BC>(p, smem, q0, v0 + vi, video_length(p.lengths, v0 + vi, p.L), qscale, best, arg);
+    if (tx == 0) {
+#pragma unroll
+      for (int a = 0; a < RM; ++a) slab[(ty + 16 * a) * kSplit + vi] = best[a];
+    }
+  }
+  __syncthreads();
+  sort_rows<kThreads / 32>(slab, ids, r, q_local0, v0, count);
+}
+
+// The tensor-core partial kernel (bf16 / fp16): the same, scored by tc_score.cuh's loop.
+template <typename T, int BC>
+__global__ void __launch_bounds__(msim_tc::kThreads) topk_partial_tc_kernel(const MaxSimParams p, const TopkRound r,
+                                                                           bool vec) {
+  char* smem = reinterpret_cast<char*>(dynamic_smem());
+  float* slab = reinterpret_cast<float*>(smem + msim_tc::scoring_smem_bytes<T>(BC, p.D));
+  int* ids = reinterpret_cast<int*>(slab + BQ * kSplit);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t split = r.split_begin + blockIdx.x;
+  const int64_t v0 = split * kSplit;
+  const int count = static_cast<int>(split_size(split, p.Nv));
+  const int64_t q_local0 = static_cast<int64_t>(blockIdx.y) * BQ;
+  msim_tc::score_videos<T, BC>(p, smem, r.q_begin + q_local0, v0, v0 + count, vec,
+                               [&](int64_t v, const float* best, const int*) {
+                                 if (t != 0) return;
+                                 slab[(warp * 16 + g) * kSplit + (v - v0)] = best[0];
+                                 slab[(warp * 16 + g + 8) * kSplit + (v - v0)] = best[1];
+                               });
+  __syncthreads();
+  sort_rows<msim_tc::kWarps>(slab, ids, r, q_local0, v0, count);
+}
+
+template <typename T>
+__host__ __device__ inline size_t partial_tc_smem_bytes(int BC, int D) {
+  return msim_tc::scoring_smem_bytes<T>(BC, D) + sizeof(float) * BQ * kSplit + sizeof(int) * msim_tc::kWarps * kSplit;
 }
 
 // One warp per query: lane 0 holds the running list, lanes 1..nsplits the split lists.
@@ -201,7 +236,20 @@ cudaError_t launch_topk(const MaxSimParams& p, int64_t k, const TopkPlan& plan, 
   if (err != cudaSuccess) return err;
   constexpr size_t smem = partial_smem_bytes<T, BC>();
   auto partial = topk_partial_kernel<T, BC>;
-  if ((err = prepare_smem(partial, smem)) != cudaSuccess) return err;
+  // bf16 / fp16: the tensor-core partial kernel when its shared memory fits the device.
+  bool use_tc = false;
+  int tc_bc = 0;
+  size_t tc_smem = 0;
+  const bool vec = msim_tc::vec16_ok(p);
+  if constexpr (!std::is_same<T, float>::value) {
+    if (p.tensor_cores && p.D <= msim_tc::kMaxD) {
+      tc_bc = msim_tc::clip_tile(p.L, p.D);
+      tc_smem = partial_tc_smem_bytes<T>(tc_bc, p.D);
+      use_tc = tc_bc == 32 ? prepare_smem(topk_partial_tc_kernel<T, 32>, tc_smem) == cudaSuccess
+                           : prepare_smem(topk_partial_tc_kernel<T, 64>, tc_smem) == cudaSuccess;
+    }
+  }
+  if (!use_tc && (err = prepare_smem(partial, smem)) != cudaSuccess) return err;
 
   const int64_t rounds = ceil_div<int64_t>(plan.splits, plan.splits_per_round);
   for (int64_t q_begin = 0; q_begin < p.Nq; q_begin += plan.query_chunk) {
@@ -230,7 +278,15 @@ cudaError_t launch_topk(const MaxSimParams& p, int64_t k, const TopkPlan& plan, 
       for (int s = 0; s < r.nsplits; ++s) seen += split_size(r.split_begin + s, p.Nv);
       r.out_count = seen < k ? seen : k;
 
-      partial<<<dim3(r.nsplits, static_cast<unsigned>(qtiles)), kThreads, smem, stream>>>(p, r);
+      const dim3 grid(r.nsplits, static_cast<unsigned>(qtiles));
+      if constexpr (!std::is_same<T, float>::value) {
+        if (use_tc && tc_bc == 32) {
+          topk_partial_tc_kernel<T, 32><<<grid, msim_tc::kThreads, tc_smem, stream>>>(p, r, vec);
+        } else if (use_tc) {
+          topk_partial_tc_kernel<T, 64><<<grid, msim_tc::kThreads, tc_smem, stream>>>(p, r, vec);
+        }
+      }
+      if (!use_tc) partial<<<grid, kThreads, smem, stream>>>(p, r);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
       topk_merge_kernel<<<static_cast<unsigned>(mblocks), kThreads, 0, stream>>>(r, p.Nv);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;

@@ -9,7 +9,8 @@
 // with the scores of queries ty + 16a and clips tx + 16c. Scores are scaled by precomputed inverse
 // norms in the epilogue (exact cosine without writing normalised copies); each thread keeps a
 // running (max, argmax) per query over its clips in increasing clip order (strict > keeps the
-// lowest index), and the 16 threads of a query then combine theirs with the same tie rule.
+// lowest index; a NaN similarity propagates as in torch.max), and the 16 threads of a query then
+// combine theirs with the same rule. A video of length 0 scores -inf with index 0.
 #pragma once
 
 #include <math.h>
@@ -220,7 +221,6 @@ __device__ __forceinline__ void score_video(const MaxSimParams& p, char* smem, i
     } else {
       tile_dot_mma<T, BC>(p, smem, q0, cp, c0, len_v, acc);
     }
-    // Columns in increasing clip order: a strict > keeps the lowest clip on ties.
 #pragma unroll
     for (int c = 0; c < RN; ++c) {
       const int l = c0 + tx + 16 * c;
@@ -229,7 +229,9 @@ __device__ __forceinline__ void score_video(const MaxSimParams& p, char* smem, i
 #pragma unroll
       for (int a = 0; a < RM; ++a) {
         const float sim = acc[a][c] * qscale[a] * cscale;
-        if (sim > best[a]) {
+        // Increasing clip order: strictly better keeps the lowest clip on ties; a NaN (a NaN in a
+        // valid clip or query) wins and stays, as in torch.max.
+        if (sim > best[a] || (isnan(sim) && !isnan(best[a]))) {
           best[a] = sim;
           arg[a] = l;
         }

@@ -72,17 +72,29 @@ __device__ __forceinline__ const T* head_slice(const ConstStrided& t, const Bloc
 }
 
 // Loads rows [row0, row0 + nrows) (columns [0, D)) of a strided [rows, D] slice into
-// dst[ROWS][DT + 1] as fp32; the other rows and columns of the tile are zero.
+// dst[ROWS][DT + 1] as fp32; the other rows and columns of the tile are zero (rows past a length
+// are never read: whatever they hold cannot reach a result). Returns whether this thread loaded a
+// NaN or an infinity (see any_nonfinite).
 template <typename T, int ROWS, int DT>
-__device__ __forceinline__ void load_tile(float* dst, const T* base, int64_t row_stride, int64_t col_stride,
+__device__ __forceinline__ bool load_tile(float* dst, const T* base, int64_t row_stride, int64_t col_stride,
                                           int row0, int nrows, int D) {
+  bool bad = false;
   for (int e = threadIdx.x; e < ROWS * DT; e += kThreads) {
     const int r = e / DT, d = e % DT;
     float x = 0.f;
     if (r < nrows && d < D) x = load_f32(base, static_cast<int64_t>(row0 + r) * row_stride + d * col_stride);
+    bad |= !isfinite(x);
     dst[r * (DT + 1) + d] = x;
   }
+  return bad;
 }
+
+// A product P K or P V over a key tile multiplies the excluded (i, j) pairs by exactly 0, and
+// 0 * NaN = NaN: a key row beyond some query's cutoff window may hold NaN / inf (it is valid for
+// other rows) and must still not reach that query. The kernels learn once per tile (a block-wide
+// OR at the barrier after the loads) whether the tile holds any non-finite value, and only then
+// run the product with a select that skips zero weights: no cost for finite data.
+__device__ __forceinline__ float fma_nonzero(float w, float x, float acc) { return w != 0.f ? fmaf(w, x, acc) : acc; }
 
 // acc[a][c] = sum_d A[ty + 16a][d] * Bt[tx + 16c][d]: a [16*RA, 16*RB] tile of A Bt^T.
 template <int RA, int RB, int DT>
@@ -131,7 +143,8 @@ __device__ __forceinline__ float masked_logit(float dot, int i, int j, const Row
   if (!w.valid || j >= kend) return -INFINITY;
   const float dist = static_cast<float>(i - j);
   if (cut && !(fabsf(dist) <= w.thr)) return -INFINITY;  // the reference's test, NaN included
-  return scale * dot + bias - dist * dist * w.gauss;
+  // A tiny sigma makes 1 / (2 sigma^2) overflow to inf: the diagonal term is 0 (not 0 * inf).
+  return scale * dot + bias - (i == j ? 0.f : dist * dist * w.gauss);
 }
 
 // What the backward needs of query row i of sequence bh: its window, the forward's log-sum-exp and
@@ -158,8 +171,12 @@ __device__ __forceinline__ void prob_and_grad(float qk, float dp, int i, int j, 
                                               float scale, float bias, float& prob, float& ds) {
   const float logit = masked_logit(qk, i, j, row.w, kend, cut, scale, bias);
   prob = logit == -INFINITY ? 0.f : expf(logit - row.lse);
-  ds = prob * (dp - row.delta);
+  ds = prob != 0.f ? prob * (dp - row.delta) : 0.f;  // dP of an excluded key may be NaN
 }
+
+// d sigma_i = sum_j dS_ij (i - j)^2 / sigma_i^3 from the row sum; a zero sum stays 0 when
+// sigma_i^3 underflows (a tiny sigma keeps only the diagonal, where (i - j)^2 = 0).
+__device__ __forceinline__ float sigma_grad(float row_sum, float s) { return row_sum != 0.f ? row_sum / (s * s * s) : 0.f; }
 
 // max over the rows [i0, i0 + nrows) of floor(min(cutoff * sigma_i, L)) (>= 0): the window
 // half-width of a query block. Called by every thread of the block; `scratch` holds 8 ints.

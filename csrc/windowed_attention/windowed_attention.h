@@ -20,11 +20,14 @@ struct WindowAttnFwdParams {
   const float* rel_bias = nullptr;  // [H, 2R+1] contiguous fp32, or nullptr
   int R = 0;
   const float* sigma = nullptr;     // [B, H, L] contiguous fp32 (> 0), or nullptr
-  const int64_t* lengths = nullptr; // [B] in [1, L], or nullptr (all L)
+  const int64_t* lengths = nullptr; // [B] in [0, L] (clamped), or nullptr (all L); 0: zero output
   float scale = 1.f;
   float cutoff = 0.f;               // > 0: hard window |i - j| <= cutoff * sigma_i (needs sigma)
   void* out = nullptr;              // [B, H, L, D] contiguous, dtype
   float* lse = nullptr;             // [B, H, L] contiguous fp32: log-sum-exp of each valid row
+  // bf16 / fp16 with D <= 128 run on tensor cores unless this is false (then, like fp32 and
+  // D > 128, on the fp32 SIMT kernels).
+  bool tensor_cores = true;
 };
 
 struct WindowAttnBwdParams {
@@ -54,6 +57,12 @@ struct WindowAttnWorkspace {
 WindowAttnWorkspace window_attn_bwd_workspace(int B, int H, int L, int D, int R, bool has_bias);
 
 cudaError_t window_attn_fwd(const WindowAttnFwdParams& p, cudaStream_t stream);
+
+// The tensor-core kernels (windowed_attention_tc_*.cu): whether they take this case, and their
+// launchers (window_attn_fwd / window_attn_bwd call them when they do).
+bool window_attn_tc_supported(const WindowAttnFwdParams& p);
+cudaError_t window_attn_tc_fwd(const WindowAttnFwdParams& p, cudaStream_t stream);
+cudaError_t window_attn_tc_bwd(const WindowAttnBwdParams& p, cudaStream_t stream);
 cudaError_t window_attn_bwd(const WindowAttnBwdParams& p, cudaStream_t stream);
 
 }  // namespace kdc

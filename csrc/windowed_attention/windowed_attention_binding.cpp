@@ -1,5 +1,6 @@
 // Torch binding of the windowed_attention CUDA kernels: checks the inputs, allocates outputs and
-// workspace, launches on the current stream. Schemas (declared in Python, _cuda.py):
+// workspace, launches on the current stream. Registered as the private ops kdc::<name>_kernel that
+// the public ops' Python kernels call after their own checks. Schemas (declared in Python, _cuda.py):
 //   kdc::cuda_windowed_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? rel_bias, Tensor? sigma,
 //       Tensor? lengths, float scale, float? cutoff) -> (Tensor out, Tensor lse)
 //   kdc::cuda_windowed_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? rel_bias,
@@ -30,7 +31,7 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   check_like(k, "k", q, "q", layout);
   check_like(v, "v", q, "q", layout);
-  TORCH_CHECK(D <= kWindowAttnMaxD, "the CUDA windowed_attention kernels support a head dimension D <= ",
+  TORCH_CHECK(D >= 1 && D <= kWindowAttnMaxD, "the CUDA windowed_attention kernels support a head dimension 1 <= D <= ",
               kWindowAttnMaxD, ", got D = ", D);
   check_fits_int(B, "B");
   check_fits_int(H, "H");
@@ -49,6 +50,7 @@ Inputs check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   p.k = strided<4>(k);
   p.v = strided<4>(v);
   p.scale = static_cast<float>(scale);
+  p.tensor_cores = !env_flag("KDC_CUDA_NO_TENSOR_CORES");
   if (rel_bias.has_value()) {
     const at::Tensor& t = *rel_bias;
     check_rank(t, "rel_bias", 2, "[H, 2R+1]");
@@ -91,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor> windowed_attention_fwd(const at::Tensor& q, c
   WindowAttnFwdParams& p = in.params;
   at::Tensor out = new_output({p.B, p.H, p.L, p.D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = new_output({p.B, p.H, p.L}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};  // B, H or L is 0: nothing to compute
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   check_launch(window_attn_fwd(p, current_stream(q)), "windowed_attention forward kernel");
@@ -123,8 +126,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_
   at::Tensor grad_k = new_output(q.sizes(), options);
   at::Tensor grad_v = new_output(q.sizes(), options);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor grad_bias = f.rel_bias != nullptr ? new_output({f.H, 2 * f.R + 1}, f32) : at::empty({0}, f32);
-  at::Tensor grad_sigma = f.sigma != nullptr ? new_output({f.B, f.H, f.L}, f32) : at::empty({0}, f32);
+  // (Pointers of empty tensors are null: whether rel_bias / sigma were given is read from the arguments.)
+  at::Tensor grad_bias = rel_bias.has_value() ? new_output({f.H, 2 * f.R + 1}, f32) : at::empty({0}, f32);
+  at::Tensor grad_sigma = sigma.has_value() ? new_output({f.B, f.H, f.L}, f32) : at::empty({0}, f32);
+  if (grad_q.numel() == 0) {  // B, H or L is 0: empty gradients, and a zero bias-table gradient
+    if (rel_bias.has_value()) grad_bias.zero_();
+    return {grad_q, grad_k, grad_v, grad_bias, grad_sigma};
+  }
   p.grad_q = grad_q.data_ptr();
   p.grad_k = grad_k.data_ptr();
   p.grad_v = grad_v.data_ptr();
@@ -146,6 +154,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> windowed_
 }  // namespace kdc
 
 TORCH_LIBRARY_IMPL(kdc, KDC_BACKEND, m) {
-  m.impl("cuda_windowed_attention_fwd", &kdc::windowed_attention_fwd);
-  m.impl("cuda_windowed_attention_bwd", &kdc::windowed_attention_bwd);
+  m.impl("cuda_windowed_attention_fwd_kernel", &kdc::windowed_attention_fwd);
+  m.impl("cuda_windowed_attention_bwd_kernel", &kdc::windowed_attention_bwd);
 }

@@ -5,7 +5,9 @@
 //   d sigma[b, h, i] = sum_j dS[i, j] (i - j)^2 / sigma_i^3
 //   d rel_bias[h, r] = sum over (b, i, j) with clamp(j - i, -R, R) = r of dS[i, j]
 //
-// Four kernels, no floating-point atomics anywhere (so results are bitwise reproducible):
+// These are the fp32 SIMT kernels (fp32 inputs, D > 128, or KDC_CUDA_NO_TENSOR_CORES=1); bf16 /
+// fp16 with D <= 128 go to windowed_attention_tc_bwd.cu. Four kernels, no floating-point atomics
+// anywhere (so results are bitwise reproducible):
 //   1. prep:  delta for every row, and the window half-width of every query block;
 //   2. dq:    one block per (b, h, query block) loops over its key window: dQ, d sigma (row sums
 //             held by the row's threads) and the block's partial bias table (diagonal sums of
@@ -130,10 +132,10 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
   for (int j0 = kmin; j0 < kmax; j0 += BN) {
     const int ncols = min(BN, kmax - j0);
     __syncthreads();  // the previous block's K, V, dS and diagonal sums are no longer read
-    load_tile<T, BN, DT>(Ks, kb, f.k.stride[2], f.k.stride[3], j0, ncols, f.D);
+    const bool k_bad = load_tile<T, BN, DT>(Ks, kb, f.k.stride[2], f.k.stride[3], j0, ncols, f.D);
     load_tile<T, BN, DT>(Vs, vb, f.v.stride[2], f.v.stride[3], j0, ncols, f.D);
     load_bias_diagonals<BM, BN>(bias_s, bias_h, f.R, j0 - i0);
-    __syncthreads();
+    const bool k_nonfinite = __syncthreads_or(k_bad);
 
     float s[C::RM][C::RN], dp[C::RM][C::RN];
     dot_rows<C::RM, C::RN, DT>(Qs, Ks, s, ty, tx);
@@ -150,22 +152,33 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
         prob_and_grad(s[a][c], dp[a][c], i0 + r, j0 + col, rows[a], kmax, cut, f.scale, bias, pv, ds);
         dSs[r * C::LDS + col] = ds;
         const float dist = static_cast<float>(r - col + (i0 - j0));
-        row_dsig = fmaf(ds, dist * dist, row_dsig);
+        row_dsig = fmaf(ds, dist * dist, row_dsig);  // ds = 0 for excluded keys, never NaN
       }
       if (dsig_out != nullptr) dsig[a] += group_sum<16>(row_dsig);
     }
     __syncthreads();
 
+    if (!k_nonfinite) {
 #pragma unroll 4
-    for (int jj = 0; jj < BN; ++jj) {
-      float kv[C::RD];
+      for (int jj = 0; jj < BN; ++jj) {
+        float kv[C::RD];
 #pragma unroll
-      for (int d = 0; d < C::RD; ++d) kv[d] = Ks[jj * C::LDD + tx + 16 * d];
+        for (int d = 0; d < C::RD; ++d) kv[d] = Ks[jj * C::LDD + tx + 16 * d];
 #pragma unroll
-      for (int a = 0; a < C::RM; ++a) {
-        const float dsa = dSs[(ty + 16 * a) * C::LDS + jj];
+        for (int a = 0; a < C::RM; ++a) {
+          const float dsa = dSs[(ty + 16 * a) * C::LDS + jj];
 #pragma unroll
-        for (int d = 0; d < C::RD; ++d) dq[a][d] = fmaf(dsa, kv[d], dq[a][d]);
+          for (int d = 0; d < C::RD; ++d) dq[a][d] = fmaf(dsa, kv[d], dq[a][d]);
+        }
+      }
+    } else {  // a NaN / inf key row: excluded pairs (dS = 0) must not turn it into a NaN
+      for (int jj = 0; jj < BN; ++jj) {
+#pragma unroll
+        for (int a = 0; a < C::RM; ++a) {
+          const float dsa = dSs[(ty + 16 * a) * C::LDS + jj];
+#pragma unroll
+          for (int d = 0; d < C::RD; ++d) dq[a][d] = fma_nonzero(dsa, Ks[jj * C::LDD + tx + 16 * d], dq[a][d]);
+        }
       }
     }
 
@@ -203,8 +216,7 @@ __global__ void __launch_bounds__(kThreads) window_attn_bwd_dq_kernel(const Wind
       if (col < f.D) dq_out[static_cast<int64_t>(i) * f.D + col] = from_f32<T>(valid ? f.scale * dq[a][d] : 0.f);
     }
     if (dsig_out != nullptr && tx == 0) {
-      const float s = valid ? sigma_bh[i] : 1.f;
-      dsig_out[i] = valid ? dsig[a] / (s * s * s) : 0.f;
+      dsig_out[i] = valid ? sigma_grad(dsig[a], sigma_bh[i]) : 0.f;
     }
   }
 }
@@ -353,6 +365,14 @@ __global__ void __launch_bounds__(256) window_attn_bias_reduce_kernel(const floa
   }
 }
 
+cudaError_t launch_bias_reduce(const float* partial, float* grad_bias, int B, int H, int nblocks, int R, int L,
+                               cudaStream_t stream) {
+  const int chunks = ceil_div(2 * R + 1, 32);
+  window_attn_bias_reduce_kernel<<<H * chunks, dim3(32, 8), 0, stream>>>(partial, grad_bias, B, H, nblocks, R,
+                                                                        reach(R, L));
+  return cudaGetLastError();
+}
+
 // --- launchers -----------------------------------------------------------------------------------
 
 template <typename T, int DT>
@@ -379,12 +399,7 @@ cudaError_t launch_bwd(const WindowAttnBwdParams& p, cudaStream_t stream) {
   dkdv_kernel<<<static_cast<unsigned>(blocks), kThreads, dkdv_smem, stream>>>(p);  // BN == BM
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  if (p.grad_rel_bias != nullptr) {
-    const int chunks = ceil_div(2 * f.R + 1, 32);
-    window_attn_bias_reduce_kernel<<<f.H * chunks, dim3(32, 8), 0, stream>>>(
-        p.bias_partial, p.grad_rel_bias, f.B, f.H, nqb, f.R, reach(f.R, f.L));
-    err = cudaGetLastError();
-  }
+  if (p.grad_rel_bias != nullptr) err = launch_bias_reduce(p.bias_partial, p.grad_rel_bias, f.B, f.H, nqb, f.R, f.L, stream);
   return err;
 }
 
@@ -408,6 +423,7 @@ cudaError_t window_attn_bwd(const WindowAttnBwdParams& p, cudaStream_t stream) {
   if ((p.grad_rel_bias != nullptr) != (f.rel_bias != nullptr && p.bias_partial != nullptr)) return cudaErrorInvalidValue;
   if (p.grad_sigma != nullptr && f.sigma == nullptr) return cudaErrorInvalidValue;
   if (f.R > (0x7fffffff - 1) / 2) return cudaErrorInvalidValue;
+  if (f.tensor_cores && window_attn_tc_supported(f)) return window_attn_tc_bwd(p, stream);
   KDC_DISPATCH_DTYPE(f.dtype, {
     switch (wattn::head_tile(f.D)) {
       case 32: return wattn::launch_bwd<scalar_t, 32>(p, stream);

@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(kThreads) window_attn_fwd_kernel(const WindowA
     const int ncols = min(BN, kmax - j0);
     __syncthreads();  // the previous block's K, V and P are no longer read
     load_tile<T, BN, DT>(Ks, kb, p.k.stride[2], p.k.stride[3], j0, ncols, p.D);
-    load_tile<T, BN, DT>(Vs, vb, p.v.stride[2], p.v.stride[3], j0, ncols, p.D);
+    const bool v_bad = load_tile<T, BN, DT>(Vs, vb, p.v.stride[2], p.v.stride[3], j0, ncols, p.D);
     load_bias_diagonals<BM, BN>(bias_s, bias_h, p.R, j0 - i0);
-    __syncthreads();
+    const bool v_nonfinite = __syncthreads_or(v_bad);
 
     float s[C::RM][C::RN];
     dot_rows<C::RM, C::RN, DT>(Qs, Ks, s, ty, tx);
@@ -109,16 +109,27 @@ __global__ void __launch_bounds__(kThreads) window_attn_fwd_kernel(const WindowA
     }
     __syncthreads();
 
+    if (!v_nonfinite) {
 #pragma unroll 4
-    for (int jj = 0; jj < BN; ++jj) {
-      float vv[C::RD];
+      for (int jj = 0; jj < BN; ++jj) {
+        float vv[C::RD];
 #pragma unroll
-      for (int d = 0; d < C::RD; ++d) vv[d] = Vs[jj * C::LDD + tx + 16 * d];
+        for (int d = 0; d < C::RD; ++d) vv[d] = Vs[jj * C::LDD + tx + 16 * d];
 #pragma unroll
-      for (int a = 0; a < C::RM; ++a) {
-        const float pa = Ps[(ty + 16 * a) * C::LDS + jj];
+        for (int a = 0; a < C::RM; ++a) {
+          const float pa = Ps[(ty + 16 * a) * C::LDS + jj];
 #pragma unroll
-        for (int d = 0; d < C::RD; ++d) o[a][d] = fmaf(pa, vv[d], o[a][d]);
+          for (int d = 0; d < C::RD; ++d) o[a][d] = fmaf(pa, vv[d], o[a][d]);
+        }
+      }
+    } else {  // a NaN / inf value row: excluded pairs (P = 0) must not turn it into a NaN
+      for (int jj = 0; jj < BN; ++jj) {
+#pragma unroll
+        for (int a = 0; a < C::RM; ++a) {
+          const float pa = Ps[(ty + 16 * a) * C::LDS + jj];
+#pragma unroll
+          for (int d = 0; d < C::RD; ++d) o[a][d] = fma_nonzero(pa, Vs[jj * C::LDD + tx + 16 * d], o[a][d]);
+        }
       }
     }
   }
@@ -156,6 +167,7 @@ cudaError_t launch_fwd(const WindowAttnFwdParams& p, cudaStream_t stream) {
 cudaError_t window_attn_fwd(const WindowAttnFwdParams& p, cudaStream_t stream) {
   if (p.B < 1 || p.H < 1 || p.L < 1 || p.D < 1 || p.D > kWindowAttnMaxD || p.R < 0) return cudaErrorInvalidValue;
   if (p.cutoff > 0.f && p.sigma == nullptr) return cudaErrorInvalidValue;
+  if (p.tensor_cores && window_attn_tc_supported(p)) return window_attn_tc_fwd(p, stream);
   KDC_DISPATCH_DTYPE(p.dtype, {
     switch (wattn::head_tile(p.D)) {
       case 32: return wattn::launch_fwd<scalar_t, 32>(p, stream);

@@ -3,7 +3,10 @@ bindings compiled for the CPU on top of ``tests/cuda_emulation`` (an emulated CU
 the CUDA path runs end to end on a machine without a GPU: torch.ops.kdc.cuda_* -> binding ->
 launcher -> kernels. The bindings register under the CPU dispatch key (``KDC_CUDA_EMULATION``).
 ``include/`` stands in for the CUDA headers: the runtime API, the device language (fibers for
-threads, see ``cuda_runtime.h``), fp16 / bf16 and ``nvcuda::wmma`` (``mma.h``).
+threads, see ``cuda_runtime.h``), fp16 / bf16, ``nvcuda::wmma`` (``mma.h``) and the PTX
+instructions behind ``csrc/common/tensor_core.cuh`` (``kdc_emu_ptx.h``: ``mma.sync`` m16n8k16 with
+the documented fragment layouts, ``ldmatrix`` with alignment and bounds checks; ``cp.async`` copies
+are queued and land only at the ``cp.async.wait_group`` that covers them, see ``emu_runtime.cpp``).
 
 The ``.cu`` sources are copied with three mechanical rewrites that plain C++ needs: kernel
 launches ``k<<<grid, block, smem, stream>>>(args)`` become ``::emu::launcher(k, grid, block, smem,

@@ -13,7 +13,16 @@
 //   * launch limits of the real hardware: <= 1024 threads, grid.y / grid.z <= 65535, more than
 //     48 KB of dynamic shared memory only after cudaFuncSetAttribute, and never more than the
 //     device's opt-in limit (KDC_EMU_SMEM_OPTIN, default 166912 bytes: an A100, the smaller of the
-//     A100 / H100 limits).
+//     A100 / H100 limits);
+//   * cp.async copies are queued per thread and land in shared memory only at the
+//     cp.async.wait_group covering their commit group (reading a tile before waiting for it, or
+//     staging into the buffer in use, gives wrong data), must be aligned to their size and stay
+//     inside the block's dynamic shared memory; __syncthreads_or returns the OR of every live
+//     thread's predicate, and mixing it with __syncthreads at one barrier fails the launch;
+//   * warp exchanges (the mma / ldmatrix emulation of kdc_emu_ptx.h) and __shfl_sync by source lane
+//     are rendezvous points like the shuffles.
+// kdc_emu_launches(threads) (extern "C") counts the launches per block size: the tests use it to
+// check which kernels ran.
 #include <ucontext.h>
 
 #include <algorithm>
@@ -34,7 +43,8 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr int kWarp = 32;
 
 enum class State { Runnable, AtBarrier, AtWarpOp, Done };
-enum class WarpOp { None, Shfl, Ballot, Sync };
+enum class WarpOp { None, Shfl, ShflIdx, Ballot, Sync, Exchange };
+enum class Barrier { Plain, Or };  // __syncthreads, __syncthreads_or
 
 struct Fiber {
   ucontext_t ctx;
@@ -46,6 +56,22 @@ struct Fiber {
   int lane_mask = 0;
   uint64_t in = 0, out = 0;
   bool pred = false;
+  Barrier barrier = Barrier::Plain;
+  // Exchange: every lane's `xin` bytes are gathered, in lane order, into every lane's `xout`.
+  const void* xin = nullptr;
+  void* xout = nullptr;
+  size_t xbytes = 0;
+  // cp.async copies of this thread: they land in shared memory only at a cp.async.wait_group that
+  // covers their commit group (a kernel that reads the destination earlier reads stale data).
+  struct AsyncCopy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+    bool zero_fill;
+    int64_t group;  // -1: not committed yet
+  };
+  std::vector<AsyncCopy> copies;
+  int64_t committed = 0;
 };
 
 ucontext_t g_scheduler;
@@ -56,6 +82,7 @@ struct AlignedFree {
   void operator()(char* p) const { ::operator delete[](p, std::align_val_t(128)); }
 };
 std::unique_ptr<char[], AlignedFree> g_smem;  // 128-byte aligned, like the kernels' declaration
+size_t g_smem_bytes = 0;
 std::string g_failure;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_last_message;
@@ -113,7 +140,8 @@ std::string resolve_warps(size_t nthreads, bool& released) {
     }
     const WarpOp op = g_fibers[w0].op;
     for (size_t f = w0; f < w1; ++f) {
-      if (g_fibers[f].op != op || (op == WarpOp::Shfl && g_fibers[f].lane_mask != g_fibers[w0].lane_mask)) {
+      if (g_fibers[f].op != op || (op == WarpOp::Shfl && g_fibers[f].lane_mask != g_fibers[w0].lane_mask) ||
+          (op == WarpOp::Exchange && g_fibers[f].xbytes != g_fibers[w0].xbytes)) {
         return "divergent warp operations in " + where(f) + "'s warp";
       }
     }
@@ -122,7 +150,13 @@ std::string resolve_warps(size_t nthreads, bool& released) {
     for (size_t f = w0; f < w1; ++f) {
       Fiber& fb = g_fibers[f];
       if (op == WarpOp::Shfl) fb.out = g_fibers[w0 + ((f - w0) ^ static_cast<size_t>(fb.lane_mask))].in;
+      if (op == WarpOp::ShflIdx) fb.out = g_fibers[w0 + static_cast<size_t>(fb.lane_mask)].in;
       if (op == WarpOp::Ballot) fb.out = votes;
+      if (op == WarpOp::Exchange) {
+        for (size_t src = w0; src < w1; ++src) {
+          std::memcpy(static_cast<char*>(fb.xout) + (src - w0) * fb.xbytes, g_fibers[src].xin, fb.xbytes);
+        }
+      }
       fb.op = WarpOp::None;
       fb.state = State::Runnable;
     }
@@ -138,6 +172,7 @@ std::string run_block(size_t nthreads, size_t smem_bytes, bool reverse) {
   } else {
     g_smem.reset();
   }
+  g_smem_bytes = smem_bytes;
   if (g_fibers.size() < nthreads) g_fibers.resize(nthreads);
   for (size_t f = 0; f < nthreads; ++f) {
     Fiber& fb = g_fibers[f];
@@ -151,6 +186,8 @@ std::string run_block(size_t nthreads, size_t smem_bytes, bool reverse) {
                    static_cast<unsigned>(f / (g_block_dim.x * g_block_dim.y))};
     fb.state = State::Runnable;
     fb.op = WarpOp::None;
+    fb.copies.clear();
+    fb.committed = 0;
   }
   for (;;) {
     for (size_t n = 0; n < nthreads; ++n) {
@@ -174,8 +211,25 @@ std::string run_block(size_t nthreads, size_t smem_bytes, bool reverse) {
     if (done == nthreads) return "";
     if (at_op != 0) return "deadlock: a warp operation waits for lanes that are at a block barrier";
     if (at_barrier + done == nthreads) {
+      // Every live thread is at the barrier: they must all be at the same kind of barrier, and
+      // __syncthreads_or returns the OR of their predicates to each of them.
+      bool any = false, kinds_differ = false;
+      Barrier kind = Barrier::Plain;
+      bool first = true;
       for (size_t f = 0; f < nthreads; ++f) {
-        if (g_fibers[f].state == State::AtBarrier) g_fibers[f].state = State::Runnable;
+        const Fiber& fb = g_fibers[f];
+        if (fb.state != State::AtBarrier) continue;
+        if (!first && fb.barrier != kind) kinds_differ = true;
+        kind = fb.barrier;
+        first = false;
+        any |= fb.pred;
+      }
+      if (kinds_differ) return "divergent barriers: __syncthreads and __syncthreads_or meet in one block";
+      for (size_t f = 0; f < nthreads; ++f) {
+        if (g_fibers[f].state == State::AtBarrier) {
+          g_fibers[f].state = State::Runnable;
+          g_fibers[f].out = any ? 1 : 0;
+        }
       }
       continue;
     }
@@ -192,7 +246,17 @@ const uint3& thread_idx() { return g_current->tid; }
 
 void syncthreads() {
   g_current->state = State::AtBarrier;
+  g_current->barrier = Barrier::Plain;
+  g_current->pred = false;
   yield();
+}
+
+int syncthreads_or(int pred) {
+  g_current->state = State::AtBarrier;
+  g_current->barrier = Barrier::Or;
+  g_current->pred = pred != 0;
+  yield();
+  return static_cast<int>(g_current->out);
 }
 
 void syncwarp(unsigned mask) { warp_op(WarpOp::Sync, mask); }
@@ -203,6 +267,59 @@ uint64_t shfl_xor(unsigned mask, uint64_t bits, int lane_mask) {
   g_current->lane_mask = lane_mask;
   warp_op(WarpOp::Shfl, mask);
   return g_current->out;
+}
+
+uint64_t shfl_idx(unsigned mask, uint64_t bits, int src_lane) {
+  if (src_lane < 0 || src_lane >= kWarp) fail_in_fiber("shuffle source lane out of range");
+  g_current->in = bits;
+  g_current->lane_mask = src_lane;
+  warp_op(WarpOp::ShflIdx, mask);
+  return g_current->out;
+}
+
+void warp_exchange(const void* in, size_t bytes, void* out) {
+  g_current->xin = in;
+  g_current->xout = out;
+  g_current->xbytes = bytes;
+  warp_op(WarpOp::Exchange, 0xffffffffu);
+}
+
+bool in_shared(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  return g_smem && c >= g_smem.get() && c + bytes <= g_smem.get() + g_smem_bytes;
+}
+
+void cp_async(void* dst, const void* src, size_t bytes, bool zero_fill) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || (!zero_fill && reinterpret_cast<uintptr_t>(src) % bytes != 0)) {
+    fail_in_fiber("cp.async: address not aligned to the copy size");
+  }
+  if (!in_shared(dst, bytes)) fail_in_fiber("cp.async: destination outside the block's dynamic shared memory");
+  g_current->copies.push_back({dst, src, bytes, zero_fill, -1});
+}
+
+void cp_async_commit() {
+  for (auto& c : g_current->copies) {
+    if (c.group < 0) c.group = g_current->committed;
+  }
+  ++g_current->committed;
+}
+
+void cp_async_wait(int pending) {
+  // Groups older than the `pending` most recent committed ones land now, in issue order.
+  const int64_t limit = g_current->committed - pending;
+  std::vector<Fiber::AsyncCopy> rest;
+  for (const auto& c : g_current->copies) {
+    if (c.group >= 0 && c.group < limit) {
+      if (c.zero_fill) {
+        std::memset(c.dst, 0, c.bytes);
+      } else {
+        std::memcpy(c.dst, c.src, c.bytes);
+      }
+    } else {
+      rest.push_back(c);
+    }
+  }
+  g_current->copies.swap(rest);
 }
 
 unsigned ballot(unsigned mask, bool pred) {
@@ -229,8 +346,11 @@ cudaError_t set_func_attribute(const void* fn, cudaFuncAttribute attr, int value
   return cudaSuccess;
 }
 
+std::map<size_t, uint64_t> g_launches_by_threads;  // test hook: kdc_emu_launches(threads)
+
 cudaError_t run_grid(const void* fn, dim3 grid, dim3 block, size_t smem, KernelBody& body) {
   const size_t nthreads = static_cast<size_t>(block.x) * block.y * block.z;
+  ++g_launches_by_threads[nthreads];
   if (nthreads == 0 || nthreads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 ||
       grid.z > 65535) {
     g_last_message = "invalid launch configuration (grid " + std::to_string(grid.x) + "x" + std::to_string(grid.y) +
@@ -293,4 +413,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
   *value = emu::smem_optin_limit();
   return cudaSuccess;
+}
+
+// Test hook (ctypes): how many kernels with `threads` threads per block were launched so far. The
+// tensor-core kernels are the only ones with 128-thread blocks, so a test can tell which ran.
+extern "C" uint64_t kdc_emu_launches(unsigned threads) {
+  const auto it = emu::g_launches_by_threads.find(threads);
+  return it == emu::g_launches_by_threads.end() ? 0 : it->second;
 }

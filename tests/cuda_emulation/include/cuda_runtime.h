@@ -20,6 +20,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 
@@ -36,9 +37,18 @@ extern uint3 g_block_idx;
 extern dim3 g_block_dim, g_grid_dim;
 const uint3& thread_idx();
 void syncthreads();
+int syncthreads_or(int pred);
 void syncwarp(unsigned mask);
 uint64_t shfl_xor(unsigned mask, uint64_t bits, int lane_mask);
+uint64_t shfl_idx(unsigned mask, uint64_t bits, int src_lane);
 unsigned ballot(unsigned mask, bool pred);
+// Every lane passes `bytes` bytes; every lane receives all 32 lanes' bytes in lane order (the
+// building block of the tensor-core and ldmatrix emulation, see kdc_emu_ptx.h).
+void warp_exchange(const void* in, size_t bytes, void* out);
+bool in_shared(const void* p, size_t bytes);
+void cp_async(void* dst, const void* src, size_t bytes, bool zero_fill);
+void cp_async_commit();
+void cp_async_wait(int pending);
 void* dynamic_smem();
 [[noreturn]] void fail(const char* what, const char* why);  // a kernel bug: fails the launch
 
@@ -79,6 +89,7 @@ Launcher<P...> launcher(void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0
 #define gridDim (::emu::g_grid_dim)
 
 inline void __syncthreads() { emu::syncthreads(); }
+inline int __syncthreads_or(int pred) { return emu::syncthreads_or(pred); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
@@ -90,7 +101,18 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   std::memcpy(&out, &bits, sizeof(T));
   return out;
 }
+template <typename T>
+inline T __shfl_sync(unsigned mask, T value, int src_lane) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a register value");
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = emu::shfl_idx(mask, bits, src_lane);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
 inline unsigned __ballot_sync(unsigned mask, int pred) { return emu::ballot(mask, pred != 0); }
+inline int __any_sync(unsigned mask, int pred) { return emu::ballot(mask, pred != 0) != 0u; }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 template <typename T>
@@ -98,6 +120,16 @@ inline T __ldg(const T* p) {
   return *p;
 }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __uint_as_float(unsigned x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned x;
+  std::memcpy(&x, &f, 4);
+  return x;
+}
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
