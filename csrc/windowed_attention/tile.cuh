@@ -147,8 +147,16 @@ __device__ __forceinline__ float masked_logit(float dot, int i, int j, const Row
   return scale * dot + bias - (i == j ? 0.f : dist * dist * w.gauss);
 }
 
-// What the backward needs of query row i of sequence bh: its window, the forward's log-sum-exp and
-// delta = rowsum(dO * O).
+// A valid query row is "poisoned" when a NaN / inf key or value inside its window made its output
+// non-finite: then its LSE (a NaN logit) or its delta (a non-finite O, or dP against an inf value)
+// is not finite. Such a row passes no gradient anywhere, as in the reference (which replaces the
+// row's output by NaN after the softmax, so no gradient flows back through it): the backward
+// treats it as not valid (P = dS = 0 on the whole row, its dq and d sigma are 0). One test per row;
+// rows with finite LSE and delta are computed exactly as before.
+__device__ __forceinline__ bool row_is_live(float lse, float delta) { return isfinite(lse) && isfinite(delta); }
+
+// What the backward needs of query row i of sequence bh: its window (w.valid: a valid row that is
+// not poisoned), the forward's log-sum-exp and delta = rowsum(dO * O).
 struct BwdRow {
   RowWindow w;
   float lse = 0.f, delta = 0.f;
@@ -161,6 +169,7 @@ __device__ __forceinline__ BwdRow bwd_row(const WindowAttnBwdParams& p, int64_t 
   if (valid) {
     row.lse = f.lse[bh * f.L + i];
     row.delta = p.delta[bh * f.L + i];
+    row.w.valid = row_is_live(row.lse, row.delta);
   }
   return row;
 }

@@ -14,7 +14,9 @@
 //             each dS tile, added by one thread per table entry, in a fixed order);
 //   3. dkdv:  one block per (b, h, key block) loops over the query blocks whose window reaches it;
 //   4. bias:  sums the partial tables over (b, query block) in a fixed order.
-// For L <= BM one block owns a whole (b, h) sequence in kernels 2 and 3.
+// For L <= BM one block owns a whole (b, h) sequence in kernels 2 and 3. A valid row whose LSE or
+// delta is not finite (a NaN / inf key or value inside its window: see row_is_live in tile.cuh)
+// is treated as not valid by kernels 2 and 3, so it adds nothing to any gradient.
 #include "windowed_attention/tile.cuh"
 
 namespace kdc {

@@ -21,6 +21,12 @@
 // (keys step over the query tiles whose window reaches the block's keys), double-buffered with
 // cp.async. The bias table gradient is a per-block partial table (one per (sequence, 64-row block))
 // reduced in a fixed order by a small last kernel: no atomics anywhere, bitwise reproducible.
+//
+// A valid row whose LSE or delta is not finite is poisoned (a NaN / inf key or value inside its
+// window; see row_is_live in tile.cuh): once its delta is known the rows step treats it as not
+// valid (its dq and d sigma are 0), and the keys step gives it P = dS = 0, so it adds nothing to
+// any gradient. The dq kernel stores a poisoned row's non-finite delta for the dkdv kernel, which
+// applies the same test to the same LSE and delta.
 #include "windowed_attention/tc_tile.cuh"
 
 namespace kdc {
@@ -260,7 +266,7 @@ __device__ __forceinline__ void add_bias_diagonals(const float* dsf, float* diag
 }
 
 // Per-query-row values of rows [row0, row0 + SL) of each slot (shared index s * SL + r): LSE and
-// delta (from global), the window (from sigma), validity. `delta_src` null: delta is filled in later.
+// delta (from global), the window (from sigma), validity (0 for a poisoned row).
 __device__ __forceinline__ void stage_row_arrays(const RowArrays& ra, const WindowAttnBwdParams& p, const BlockPlan& bp,
                                                  int row0, bool cut) {
   const WindowAttnFwdParams& f = p.fwd;
@@ -270,11 +276,13 @@ __device__ __forceinline__ void stage_row_arrays(const RowArrays& ra, const Wind
     const bool valid = bh >= 0 && i < pick(bp.len, s);
     const RowWindow w = wattn::row_window(f.sigma != nullptr && bh >= 0 ? f.sigma + bh * f.L : nullptr, f.cutoff, cut,
                                           i, valid);
-    ra.valid[x] = valid ? 1 : 0;
+    const float lse = valid ? f.lse[bh * f.L + i] : 0.f;
+    const float delta = valid ? p.delta[bh * f.L + i] : 0.f;
+    ra.valid[x] = valid && wattn::row_is_live(lse, delta) ? 1 : 0;  // a poisoned row: P = dS = 0
     ra.gauss[x] = w.gauss;
     ra.thr[x] = w.thr;
-    ra.lse[x] = valid ? f.lse[bh * f.L + i] : 0.f;
-    ra.delta[x] = valid ? p.delta[bh * f.L + i] : 0.f;
+    ra.lse[x] = lse;
+    ra.delta[x] = delta;
   }
 }
 
@@ -355,6 +363,10 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_bwd_short_kernel(cons
       add_delta(delta, pr, dp);
       delta[0] = quad_sum(delta[0]);
       delta[1] = quad_sum(delta[1]);
+      // A poisoned row is not valid from here on: store_rows writes 0 for its dq and d sigma (what
+      // rows_grad computes for it is discarded) and the keys step gives it P = dS = 0.
+      rw[0].valid = rw[0].valid && wattn::row_is_live(lse[0], delta[0]);
+      rw[1].valid = rw[1].valid && wattn::row_is_live(lse[1], delta[1]);
       rows_grad<T, DT>(dq, dsig, pr, dp, delta, Ks, srow, bp.SL, wrow, 0);
       dsig[0] = quad_sum(dsig[0]);
       dsig[1] = quad_sum(dsig[1]);
@@ -490,6 +502,9 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_bwd_dq_kernel(const W
     if (step == ntiles) {  // delta complete: the row sums of the whole window
       delta[0] = quad_sum(delta[0]);
       delta[1] = quad_sum(delta[1]);
+      // A poisoned row is not valid in the second pass: P = dS = 0, its dq and d sigma are 0.
+      rw[0].valid = rw[0].valid && wattn::row_is_live(lse[0], delta[0]);
+      rw[1].valid = rw[1].valid && wattn::row_is_live(lse[1], delta[1]);
     }
     if (!active || (cut && (j0 >= wkmax || j0 + BN <= wkmin))) continue;
     TileGeometry geo;
@@ -512,10 +527,12 @@ __global__ void __launch_bounds__(kThreads) window_attn_tc_bwd_dq_kernel(const W
   dsig[1] = quad_sum(dsig[1]);
   store_rows<T, DT>(p, bh, iw, 16, dq, dsig, rw);
   if (lane % 4 == 0) {
+    // delta is exactly 0 for rows that are not valid (P = 0 there); a poisoned row keeps its
+    // non-finite delta, so that the dkdv kernel sees it poisoned too.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int i = iw + g + 8 * h;
-      if (i < f.L) p.delta[bh * f.L + i] = rw[h].valid ? delta[h] : 0.f;
+      if (i < f.L) p.delta[bh * f.L + i] = delta[h];
     }
   }
 }
