@@ -7,6 +7,7 @@ with ``os.environ`` / ``monkeypatch.setenv`` and see the effect on the next call
 | --- | --- | --- |
 | ``KDC_IMPL`` | auto, reference, triton, cuda | default ``impl`` of every op |
 | ``KDC_DETERMINISTIC`` | 0, 1 | bitwise run-to-run identical gradients on the fast paths |
+| ``KDC_AUTOTUNE`` | 0, 1 (1) | 0: every Triton kernel runs its pinned launch configuration (one compile per case, no timing runs; kdc_kernels/_launch.py) |
 | ``KDC_SKIP_VALUE_CHECKS`` | 0, 1 | skip data-dependent checks (lengths range, sigma > 0) that need a device sync |
 | ``KDC_JIT`` | 0, 1 | build the CUDA extension on first use (editable installs) |
 | ``TRITON_INTERPRET`` | 0, 1 | Triton's own flag: run Triton kernels on the CPU interpreter |
@@ -48,6 +49,12 @@ def deterministic() -> bool:
     import torch
 
     return _flag("KDC_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
+
+
+def autotune() -> bool:
+    """``KDC_AUTOTUNE`` (default 1): autotune the Triton kernels' launch configurations on the GPU;
+    0 pins each kernel to its first configuration (as deterministic mode does)."""
+    return os.environ.get("KDC_AUTOTUNE", "").strip() == "" or _flag("KDC_AUTOTUNE")
 
 
 def skip_value_checks() -> bool:
