@@ -367,9 +367,9 @@ def _max_sim_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def _dot_mode(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """(cast tiles to fp32 before ``tl.dot``, ``input_precision`` of fp32 dots)."""
-    if device.type == "cpu":  # the interpreter: fp32 math throughout (its bf16 arithmetic is wrong)
+def _dot_mode(dtype: torch.dtype, kernel) -> tuple[bool, str]:
+    """(cast tiles to fp32 before ``tl.dot``, ``input_precision`` of fp32 dots) for ``kernel``."""
+    if _launch.interpreted(kernel):  # fp32 math throughout (the interpreter's bf16 arithmetic is wrong)
         return True, "ieee"
     if dtype == torch.float32:
         return True, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -402,7 +402,7 @@ _FWD = {  # by DOT_FP32: fp16/bf16 tiles on the tensor cores, or fp32 (IEEE / TF
 _BWD_INTERPRET = dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_DQ=32, BLOCK_N=64, BLOCK_DC=64)
 _BWD = [
     dict(BLOCK_Q=32, BLOCK_V=4, BLOCK_DQ=64, BLOCK_N=32, BLOCK_DC=64, num_warps=4, num_stages=2),
-    dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_DQ=64, BLOCK_N=64, BLOCK_DC=64, num_warps=4, num_stages=2),
+    dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_DQ=64, BLOCK_N=64, BLOCK_DC=64, num_warps=8, num_stages=2),
     dict(BLOCK_Q=32, BLOCK_V=2, BLOCK_DQ=128, BLOCK_N=32, BLOCK_DC=128, num_warps=8, num_stages=2),
 ]
 
@@ -458,7 +458,7 @@ def _scores_launch(queries, clips, lengths, qnorm, cnorm, score, index) -> None:
     if nq == 0 or nv == 0:
         return
     normalize = qnorm is not None
-    dot_fp32, precision = _dot_mode(queries.dtype, queries.device)
+    dot_fp32, precision = _dot_mode(queries.dtype, _max_sim_fwd_kernel)
     args = (queries, clips, queries if lengths is None else lengths, qnorm if normalize else queries,
             cnorm if normalize else queries, score, score if index is None else index,
             nq, nv, L, d, *queries.stride(), *clips.stride(), cnorm.stride(0) if normalize else 0, *score.stride())
@@ -610,5 +610,11 @@ def max_similarity_triton(queries, clips, lengths, normalize, return_index):
     return (score, index) if return_index else score
 
 
-# max_similarity_topk (its own file) is found here by the dispatcher, like every op of the package.
-from ._triton_topk import max_similarity_topk_triton, max_similarity_topk_unsupported  # noqa: E402, F401
+def __getattr__(name: str):
+    """The dispatcher finds every op of the package in ``_triton``; max_similarity_topk lives in
+    ``_triton_topk`` (which imports this module, so it is loaded on first use)."""
+    if name in ("max_similarity_topk_triton", "max_similarity_topk_unsupported"):
+        from . import _triton_topk
+
+        return getattr(_triton_topk, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

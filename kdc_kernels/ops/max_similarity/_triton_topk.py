@@ -218,12 +218,18 @@ def _topk_kpad(k: int) -> int:
 _TOPK_INTERPRET = dict(BLOCK_Q=16, BLOCK_COLS=64, BLOCK_D=32)
 
 
-def _topk_configs(k_pad: int) -> list[dict]:
-    """GPU configs of the fused top-k kernel for this K_PAD (the first is the pinned one). The
-    running list and its candidates take 2 * BLOCK_Q * K_PAD int64 registers."""
+def _topk_configs(k_pad: int, dot_fp32: bool) -> list[dict]:
+    """GPU configs of the fused top-k kernel for this K_PAD (the first is the pinned one). fp16 /
+    bf16: 64 queries per tile, so the dots reach the warpgroup MMA (wgmma), and 8 warps, since the
+    running list and its candidates take 2 * BLOCK_Q * K_PAD int64 registers. fp32 tiles (IEEE or
+    TF32 dots) take twice the registers: 32 queries. None of these spills."""
+    if dot_fp32:
+        return [dict(BLOCK_Q=32, BLOCK_COLS=64, BLOCK_D=32, num_warps=8, num_stages=3)]
     if k_pad <= 32:
-        return [dict(BLOCK_Q=64, BLOCK_COLS=128, BLOCK_D=64, num_warps=4, num_stages=3)]
-    return [dict(BLOCK_Q=32, BLOCK_COLS=128, BLOCK_D=64, num_warps=8, num_stages=3)]
+        return [dict(BLOCK_Q=64, BLOCK_COLS=128, BLOCK_D=64, num_warps=8, num_stages=3),
+                dict(BLOCK_Q=64, BLOCK_COLS=64, BLOCK_D=64, num_warps=8, num_stages=3)]
+    return [dict(BLOCK_Q=64, BLOCK_COLS=64, BLOCK_D=64, num_warps=8, num_stages=3),
+            dict(BLOCK_Q=64, BLOCK_COLS=64, BLOCK_D=32, num_warps=8, num_stages=4)]
 
 
 def _topk_merge_configs(k_pad: int) -> tuple[list[dict], dict]:
@@ -251,7 +257,7 @@ def _topk_splits(n_qblocks: int, n_groups: int, device: torch.device) -> int:
     """Video splits of the fused top-k: enough programs to fill the GPU, each split >= 4 groups."""
     if _launch.hooks.topk_splits is not None:
         return max(1, min(_launch.hooks.topk_splits, n_groups))
-    if device.type == "cpu":
+    if device.type != "cuda":
         return 1
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(triton.cdiv(target, n_qblocks), n_groups // 4))
@@ -270,7 +276,7 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
     if nq == 0:
         return scores, videos
     if k_pad <= _TOPK_REGISTER_MAX:
-        dot_fp32, precision = _dot_mode(queries.dtype, device)
+        dot_fp32, precision = _dot_mode(queries.dtype, _topk_partial_kernel)
         l_pow2 = _pow2(L)
         norm_args = (qnorm, cnorm) if normalize else (queries, queries)
         consts = dict(NORMALIZE=normalize, HAS_LENGTHS=lengths is not None, DOT_FP32=dot_fp32, PRECISION=precision,
@@ -294,7 +300,7 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
                         from_scores=False, first=True, last=True)
 
         key = (queries.dtype, precision, normalize, k_pad, l_pow2, d, _launch.bucket(nq), _launch.bucket(nv))
-        _launch.run(_topk_partial_kernel, _topk_configs(k_pad), _TOPK_INTERPRET, key, launch, device)
+        _launch.run(_topk_partial_kernel, _topk_configs(k_pad, dot_fp32), _TOPK_INTERPRET, key, launch, device)
         return scores, videos
     chunk = _TOPK_CHUNK_BLOCKS * k_pad
     n_chunks = triton.cdiv(nv, chunk)

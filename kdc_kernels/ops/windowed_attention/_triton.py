@@ -112,9 +112,10 @@ def _fwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> _Tiles:
     return _Tiles(1, 64 if wide else 128, 32 if wide else 64, ((8, 2), (8, 3)))
 
 
-def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> tuple[bool, _Tiles, _Tiles]:
+def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False, elem_bytes: int = 2) -> tuple[bool, _Tiles, _Tiles]:
     """(fused, tiles of _bwd_q, tiles of _bwd_kv). Fused: each key block is a whole sequence, so
-    _bwd_kv alone computes every gradient (the _bwd_q tiles are then unused)."""
+    _bwd_kv alone computes every gradient (the _bwd_q tiles are then unused). fp32 inputs
+    (``elem_bytes`` 4) hold twice the registers per tile: long sequences take 32 query rows."""
     LP = triton.next_power_of_2(L)
     if LP <= 64 or (LP <= 128 and D <= 64):  # dk, dv of whole sequences stay in registers
         G = _pack(B, LP, 128 if interpret else min(64, 2 * LP))
@@ -122,7 +123,7 @@ def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> tuple[bool, _
         return True, kv, kv
     if interpret:
         return False, _Tiles(1, 64, 64), _Tiles(1, 64, 64)
-    wide = D > 64
+    wide = D > 64 or elem_bytes > 2
     return (False, _Tiles(1, 32 if wide else 64, 32, ((8, 1), (8, 2))),
             _Tiles(1, 32, 64 if D <= 128 else 32, ((8, 1),) if wide else ((4, 1), (4, 2), (8, 1))))
 
@@ -220,7 +221,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
     """Backward launcher: ``(dq, dk, dv, d rel_bias, d sigma)``; the last two are empty tensors
     when not asked for."""
     B, H, L, D = q.shape
-    fused, tq, tkv = _bwd_tiles(B, L, D, _launch.interpreted(_window_attn_bwd_kv_kernel))
+    fused, tq, tkv = _bwd_tiles(B, L, D, _launch.interpreted(_window_attn_bwd_kv_kernel), q.element_size())
     dev = q.device
     need_bias = need_bias and rel_bias is not None
     need_sigma = need_sigma and sigma is not None
