@@ -142,6 +142,7 @@ def _similarity_calls(dtype):
     import torch
 
     from kdc_kernels.ops.max_similarity import _triton as T
+    from kdc_kernels.ops.max_similarity import _triton_bwd as TB
     from kdc_kernels.ops.max_similarity import _triton_topk as TK
 
     def inputs(nq, nv, L, D):
@@ -150,7 +151,7 @@ def _similarity_calls(dtype):
     def train():  # 640 x 128 x 128 x 384, forward and backward
         q, c, lengths = inputs(640, 128, 128, 384)
         score, index, qn, cn = T._max_sim_fwd(q, c, lengths, True)
-        T._max_sim_bwd(torch.empty(640, 128), q, c, score, index, qn, cn, True, True, True)
+        TB._max_sim_bwd(torch.empty(640, 128), q, c, score, index, qn, cn, True, True, True)
 
     def tvr_scores():  # the TVR test set, scores only
         T._max_sim_fwd(*inputs(10_895, 2_179, 128, 384), True)
@@ -239,7 +240,7 @@ def triton_kernels() -> dict[str, set[str]]:
 
     out = {}
     for name in ("kdc_kernels.ops.windowed_attention._triton_kernels", "kdc_kernels.ops.max_similarity._triton",
-                 "kdc_kernels.ops.max_similarity._triton_topk"):
+                 "kdc_kernels.ops.max_similarity._triton_bwd", "kdc_kernels.ops.max_similarity._triton_topk"):
         module = importlib.import_module(name)
         out[name] = {k for k, v in vars(module).items()
                      if isinstance(v, triton.runtime.JITFunction) and k.endswith("_kernel") and v.__module__ == name}

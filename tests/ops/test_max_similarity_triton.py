@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 import kdc_kernels as K  # noqa: E402
 from kdc_kernels import _config, _launch, testing  # noqa: E402
 from kdc_kernels.ops.max_similarity import _triton as T  # noqa: E402
+from kdc_kernels.ops.max_similarity import _triton_bwd as TB  # noqa: E402
 from kdc_kernels.ops.max_similarity import _triton_topk as TK  # noqa: E402
 from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref  # noqa: E402
 
@@ -297,7 +298,7 @@ def test_poison_hook_fills_every_launcher_buffer(monkeypatch):
     monkeypatch.setattr(_launch.hooks, "on_alloc", lambda name, t: seen.setdefault(name, t.clone()))
     args, _ = _inputs((5, 7, 3, 8), "cpu", torch.float32, seed=13)
     saved = T._max_sim_fwd(args["queries"], args["clips"], args["lengths"], True)
-    T._max_sim_bwd(torch.ones(5, 7), args["queries"], args["clips"], *saved, True, True, True)
+    TB._max_sim_bwd(torch.ones(5, 7), args["queries"], args["clips"], *saved, True, True, True)
     assert {"score", "index", "dq", "dc", "query_norms", "clip_norms", "argmax_buckets"} <= set(seen)
     for name, t in seen.items():
         assert (t.isnan().all() if t.is_floating_point() else (t == -1).all()), f"{name} was not poisoned"
