@@ -78,6 +78,15 @@ def bucket(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+# Host-side integer helpers for grids and tile sizes: plain Python (triton.cdiv and
+# triton.next_power_of_2 are constexpr functions, several microseconds per host call).
+next_pow2 = bucket
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def interpreted(kernel) -> bool:
     """Whether ``kernel`` runs on the Triton interpreter (Triton decides when it is defined)."""
     import triton

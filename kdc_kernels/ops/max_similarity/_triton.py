@@ -204,7 +204,7 @@ def _dot_mode(dtype: torch.dtype, kernel) -> tuple[bool, str]:
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(n)
+    return _launch.next_pow2(n)
 
 
 # Launch configurations (kdc_kernels/_launch.py: the first of each list is the pinned one; the
@@ -263,7 +263,7 @@ def _norms(queries: torch.Tensor, clips: torch.Tensor) -> tuple[torch.Tensor, to
 
     def launch(config):
         meta, options = _launch.launch_options(config)
-        grid = (triton.cdiv(nq, meta["BLOCK_R"]) + triton.cdiv(nv * L, meta["BLOCK_R"]),)
+        grid = (_launch.cdiv(nq, meta["BLOCK_R"]) + _launch.cdiv(nv * L, meta["BLOCK_R"]),)
         _row_norms_kernel[grid](queries, clips, qnorm, cnorm, nq, nv * L, L, d, *queries.stride(), *clips.stride(),
                                 **meta, **options)
 
@@ -288,7 +288,7 @@ def _scores_launch(queries, clips, lengths, qnorm, cnorm, score, index) -> None:
     def launch(config):
         meta, options = _launch.launch_options(config)
         block_v = meta["BLOCK_COLS"] // min(consts["L_POW2"], meta["BLOCK_COLS"])
-        grid = (triton.cdiv(nq, meta["BLOCK_Q"]) * triton.cdiv(nv, block_v),)
+        grid = (_launch.cdiv(nq, meta["BLOCK_Q"]) * _launch.cdiv(nv, block_v),)
         _max_sim_fwd_kernel[grid](*args, **consts, **meta, **options)
 
     key = (queries.dtype, precision, normalize, index is not None, consts["L_POW2"], d, _launch.bucket(nq),

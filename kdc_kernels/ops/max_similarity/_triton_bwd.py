@@ -233,7 +233,7 @@ def _max_sim_bwd(grad, queries, clips, score, index, qnorm, cnorm, normalize: bo
 
     def launch(config):
         meta, options = _launch.launch_options(config)
-        n_dq = triton.cdiv(nq, meta["BLOCK_Q"]) * triton.cdiv(d, meta["BLOCK_DQ"]) if need_dq else 0
+        n_dq = _launch.cdiv(nq, meta["BLOCK_Q"]) * _launch.cdiv(d, meta["BLOCK_DQ"]) if need_dq else 0
         grid = (n_dq + (nv if need_dc else 0),)
         _max_sim_bwd_kernel[grid](*args, n_dq, *strides, NORMALIZE=normalize, L_POW2=_triton._pow2(L), **meta,
                                   **options)

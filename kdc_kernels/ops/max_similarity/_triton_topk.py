@@ -245,7 +245,7 @@ def _topk_merge(best, src, scores, videos, n_blocks, n_cols, v_base, k, src_stri
     def launch(config):
         meta, options = _launch.launch_options(config)
         rows = meta.pop("ROWS")
-        _topk_merge_kernel[(triton.cdiv(nq, rows),)](
+        _topk_merge_kernel[(_launch.cdiv(nq, rows),)](
             dummy, src, scores, videos, nq, n_blocks, n_cols, v_base, k, *src_strides,
             FROM_SCORES=from_scores, FIRST=first, WRITE_OUT=last, LOG_K=_log2(k_pad), LOG_ROWS=_log2(rows), **options,
         )
@@ -260,7 +260,7 @@ def _topk_splits(n_qblocks: int, n_groups: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(target, n_qblocks), n_groups // 4))
+    return max(1, min(_launch.cdiv(target, n_qblocks), n_groups // 4))
 
 
 def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
@@ -287,9 +287,9 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
             block_q = meta.pop("BLOCK_Q")
             # at most K_PAD videos per tile; at least 16 columns for tl.dot
             meta["BLOCK_COLS"] = max(16, min(meta["BLOCK_COLS"], k_pad * min(l_pow2, meta["BLOCK_COLS"])))
-            n_qb, n_groups = triton.cdiv(nq, block_q), triton.cdiv(nv, k_pad)
-            per_split = triton.cdiv(n_groups, _topk_splits(n_qb, n_groups, device))
-            splits = triton.cdiv(n_groups, per_split)
+            n_qb, n_groups = _launch.cdiv(nq, block_q), _launch.cdiv(nv, k_pad)
+            per_split = _launch.cdiv(n_groups, _topk_splits(n_qb, n_groups, device))
+            splits = _launch.cdiv(n_groups, per_split)
             partial = _launch.new_buffer("topk_partial", (splits, nq, k_pad), torch.int64, device)
             _topk_partial_kernel[(n_qb * splits,)](
                 queries, clips, queries if lengths is None else lengths, *norm_args, partial,
@@ -303,7 +303,7 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
         _launch.run(_topk_partial_kernel, _topk_configs(k_pad, dot_fp32), _TOPK_INTERPRET, key, launch, device)
         return scores, videos
     chunk = _TOPK_CHUNK_BLOCKS * k_pad
-    n_chunks = triton.cdiv(nv, chunk)
+    n_chunks = _launch.cdiv(nv, chunk)
     work = _launch.new_buffer("topk_working_scores", (nq, min(chunk, nv)), torch.float32, device)
     best = _launch.new_buffer("topk_running", (nq, k_pad), torch.int64, device) if n_chunks > 1 else None
     for c in range(n_chunks):
@@ -311,7 +311,7 @@ def _max_sim_topk(queries, clips, lengths, k: int, normalize: bool):
         block = work[:, : v1 - v0]
         _scores_launch(queries, clips[v0:v1], None if lengths is None else lengths[v0:v1], qnorm,
                        None if cnorm is None else cnorm[v0:v1], block, None)
-        _topk_merge(best, block, scores, videos, triton.cdiv(v1 - v0, k_pad), v1 - v0, v0, k,
+        _topk_merge(best, block, scores, videos, _launch.cdiv(v1 - v0, k_pad), v1 - v0, v0, k,
                     (0, *block.stride()), from_scores=True, first=c == 0, last=c == n_chunks - 1)
     return scores, videos
 

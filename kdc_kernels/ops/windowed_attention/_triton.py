@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from ... import _launch
 from ._triton_kernels import (
@@ -94,7 +93,7 @@ def _pack(B: int, LP: int, rows: int) -> int:
     """Sequences per program for short sequences: a tile of about ``rows`` rows, at least the 16
     a dot needs. Packing G sequences block-diagonally costs G x the elementwise work of one, so on
     a GPU it stops at the row count the tensor cores and memory transactions want."""
-    return max(1, min(rows // LP, triton.next_power_of_2(B)), 16 // LP)
+    return max(1, min(rows // LP, _launch.next_pow2(B)), 16 // LP)
 
 
 # Tile plans (block sizes and warps per regime). On the GPU every (num_warps, num_stages) listed
@@ -103,7 +102,7 @@ def _pack(B: int, LP: int, rows: int) -> int:
 # into larger tiles (the same code paths: packing, several query blocks per fused program,
 # skipped key blocks); from L = 65 on it runs the GPU plan itself.
 def _fwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> _Tiles:
-    LP = triton.next_power_of_2(L)
+    LP = _launch.next_pow2(L)
     if LP <= 64:  # whole sequences, packed: one query and one key block per program
         return _Tiles(_pack(B, LP, 128 if interpret else min(64, 2 * LP)), LP, LP,
                       ((4, 2), (4, 1), (8, 2)) if D <= 64 else ((8, 2), (8, 1)))
@@ -116,7 +115,7 @@ def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False, elem_bytes: int 
     """(fused, tiles of _bwd_q, tiles of _bwd_kv). Fused: each key block is a whole sequence, so
     _bwd_kv alone computes every gradient (the _bwd_q tiles are then unused). fp32 inputs
     (``elem_bytes`` 4) hold twice the registers per tile: long sequences take 32 query rows."""
-    LP = triton.next_power_of_2(L)
+    LP = _launch.next_pow2(L)
     if LP <= 64 or (LP <= 128 and D <= 64):  # dk, dv of whole sequences stay in registers
         G = _pack(B, LP, 128 if interpret else min(64, 2 * LP))
         kv = _Tiles(G, min(LP, max(1, (64 if interpret else 32) // G)), LP, ((8, 1), (8, 2)))
@@ -129,7 +128,7 @@ def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False, elem_bytes: int 
 
 
 def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
+    return max(16, _launch.next_pow2(D))
 
 
 def _bias_radius(rel_bias: Optional[torch.Tensor], L: int) -> tuple[int, int]:
@@ -202,7 +201,7 @@ def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Op
     if out.numel() == 0:
         return out, lse
     lengths = lengths.contiguous() if lengths is not None else None
-    grid = (H * triton.cdiv(B, t.G), triton.cdiv(L, t.BM))
+    grid = (H * _launch.cdiv(B, t.G), _launch.cdiv(L, t.BM))
     visits = _visit_buffer(grid, q.device)
     R, _ = _bias_radius(rel_bias, L)
     qkv_strides, table_strides = _common_args(q, k, v, rel_bias, sigma)
@@ -212,7 +211,7 @@ def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Op
                 HAS_LENGTHS=lengths is not None, G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D),
                 DOT_FP32=_dot_fp32(_window_attn_fwd_kernel), COUNT_VISITS=visits is not None)
     _run(_window_attn_fwd_kernel, grid, args, meta, t, _tune_key(q, meta, L), q.device)
-    _log_visits("fwd", visits, grid, t, triton.cdiv(L, t.BN))
+    _log_visits("fwd", visits, grid, t, _launch.cdiv(L, t.BN))
     return out, lse
 
 
@@ -234,7 +233,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         out = out.contiguous()  # as the forward wrote it (the fused path does not read it)
     lengths = lengths.contiguous() if lengths is not None else None
     R, RB = _bias_radius(rel_bias, L)
-    NBP = triton.next_power_of_2(2 * RB + 1) if need_bias else 1
+    NBP = _launch.next_pow2(2 * RB + 1) if need_bias else 1
     qkv_strides, table_strides = _common_args(q, k, v, rel_bias, sigma)
     tail = [*qkv_strides, *dout.stride(), *table_strides,
             B, H, L, D, R, RB, scale, scale * math.log2(math.e), cutoff or 0.0]
@@ -245,9 +244,9 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
                     HAS_LENGTHS=lengths is not None, NEED_BIAS=need_bias, NEED_SIGMA=need_sigma,
                     G=t.G, BM=t.BM, BN=t.BN, BLOCK_D=_block_d(D), NBP=NBP,
                     DOT_FP32=_dot_fp32(_window_attn_bwd_kv_kernel),
-                    NC=triton.next_power_of_2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))), **extra)
+                    NC=_launch.next_pow2(max(1, min(t.BM + t.BN - 1, 2 * RB - 1))), **extra)
 
-    grid_kv = (H * triton.cdiv(B, tkv.G), triton.cdiv(L, tkv.BN))
+    grid_kv = (H * _launch.cdiv(B, tkv.G), _launch.cdiv(L, tkv.BN))
     if fused:
         partial = _launch.new_buffer("dbias_partials", (grid_kv[0] * grid_kv[1], NBP), torch.float32, dev) \
             if need_bias else None
@@ -256,10 +255,10 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         _run(_window_attn_bwd_kv_kernel, grid_kv,
              [*inputs, lse, q, dq, dk, dv, _or(dsigma if need_sigma else None, q), _or(partial, q),
               _or(visits, q), *tail], m, tkv, _tune_key(q, m, L), dev)
-        _log_visits("bwd_kv", visits, grid_kv, tkv, triton.cdiv(L, tkv.BM))
+        _log_visits("bwd_kv", visits, grid_kv, tkv, _launch.cdiv(L, tkv.BM))
     else:
         delta = _launch.new_buffer("delta", (B, H, L), torch.float32, dev)
-        grid_q = (H * triton.cdiv(B, tq.G), triton.cdiv(L, tq.BM))
+        grid_q = (H * _launch.cdiv(B, tq.G), _launch.cdiv(L, tq.BM))
         partial = _launch.new_buffer("dbias_partials", (grid_q[0] * grid_q[1], NBP), torch.float32, dev) \
             if need_bias else None
         visits = _visit_buffer(grid_q, dev)
@@ -267,7 +266,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         _run(_window_attn_bwd_q_kernel, grid_q,
              [*inputs, delta, dq, _or(dsigma if need_sigma else None, q), _or(partial, q), _or(visits, q), *tail],
              m, tq, _tune_key(q, m, L), dev)
-        _log_visits("bwd_q", visits, grid_q, tq, triton.cdiv(L, tq.BN))
+        _log_visits("bwd_q", visits, grid_q, tq, _launch.cdiv(L, tq.BN))
         sigma_max = q
         if cutoff is not None:  # widest window of each (b, h) over its valid rows
             sig = sigma.float()
@@ -278,7 +277,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
         m = meta(tkv, FUSED=False, COUNT_VISITS=visits is not None) | dict(NEED_BIAS=False, NEED_SIGMA=False)
         _run(_window_attn_bwd_kv_kernel, grid_kv,
              [*inputs, delta, sigma_max, dq, dk, dv, q, q, _or(visits, q), *tail], m, tkv, _tune_key(q, m, L), dev)
-        _log_visits("bwd_kv", visits, grid_kv, tkv, triton.cdiv(L, tkv.BM))
+        _log_visits("bwd_kv", visits, grid_kv, tkv, _launch.cdiv(L, tkv.BM))
     if need_bias:
         # Second pass: the per-program partials (rows ordered group-major, and a group's head is
         # its index // groups per head, so they view as [H, programs of a head, bins]) summed in
@@ -296,7 +295,7 @@ def _bias_reduce(partial: torch.Tensor, dbias: torch.Tensor, H: int, R: int, RB:
 
     def launch(config):
         meta, options = _launch.launch_options(config)
-        _window_attn_bias_reduce_kernel[(H, triton.cdiv(2 * R + 1, meta["BLOCK_R"]))](
+        _window_attn_bias_reduce_kernel[(H, _launch.cdiv(2 * R + 1, meta["BLOCK_R"]))](
             partial, dbias, P, R, RB, *dbias.stride(), NBP=NBP, **meta, **options)
 
     _launch.run(_window_attn_bias_reduce_kernel, _BIAS_REDUCE, _BIAS_REDUCE_INTERPRET, (), launch, partial.device)
