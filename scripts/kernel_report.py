@@ -156,8 +156,14 @@ def _similarity_calls(dtype):
     def tvr_scores():  # the TVR test set, scores only
         T._max_sim_fwd(*inputs(10_895, 2_179, 128, 384), True)
 
+    def long_videos():  # L = 4096 frames (the backward's limit): the forward's loop over clip chunks
+        q, c, lengths = inputs(640, 16, 4096, 384)
+        score, index, qn, cn = T._max_sim_fwd(q, c, lengths, True)
+        TB._max_sim_bwd(torch.empty(640, 16), q, c, score, index, qn, cn, True, True, True)
+
     calls = [("max_similarity", "train 640x128x128x384", train),
-             ("max_similarity", "TVR 10895x2179x128x384", tvr_scores)]
+             ("max_similarity", "TVR 10895x2179x128x384", tvr_scores),
+             ("max_similarity", "long videos 640x16x4096x384", long_videos)]
     # top-k: the TVR test set and the corpus (L = 32, D = 512) at k = 100; small k (K_PAD 32, the
     # largest of the small-k configs); the chunked path of large k (k = 1000: three chunks, so
     # every merge variant; k = 4096, the largest list, one chunk)

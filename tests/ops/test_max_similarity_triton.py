@@ -473,6 +473,10 @@ def test_size_limits_are_reasons_and_exotic_strides_are_compacted():
     reasons = T.max_similarity_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, True, False)
     assert len(reasons) == 1 and "Nv = 16777217" in reasons[0]
     assert T.max_similarity_topk_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, 5, True) == []
+    long = torch.empty(3, T._MAX_BWD_L + 1, 8, device="meta")
+    assert T.max_similarity_unsupported(q, long, None, True, False) == []  # no gradient: any L
+    reasons = T.max_similarity_unsupported(q, long.requires_grad_(True), None, True, False)
+    assert len(reasons) == 1 and f"L = {T._MAX_BWD_L + 1}" in reasons[0]
     wide = torch.empty_strided((4, 8), (2**30, 1), device="meta")
     assert T._int32_tiles(wide, (T._TILE_QUERIES, 8)).stride() == (8, 1)
     fine = torch.empty_strided((4, 8), (1, 4), device="meta")

@@ -56,7 +56,7 @@ from .reference import _NORM_EPS
 
 _EPS = tl.constexpr(_NORM_EPS)
 # The backward's counting sort keeps an L-bin histogram of each video in registers.
-_MAX_BWD_L = 8192
+_MAX_BWD_L = 4096
 
 
 # ------------------------------------------------------------------------------------------------

@@ -133,13 +133,14 @@ def _bwd_dc(
     tl.debug_barrier()  # the sorted list is read back by other threads of this program
     # 3. per feature block: clips no query picked get zeros; the others, segmented sums of
     #    g s_q q over their bucket (carried across chunks), stored at the bucket's last entry
-    row_l = tl.arange(0, L_POW2)
-    empty = (row_l < L) & (counts == 0)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        tl.store(dc_ptr + v064 * s_dv + row_l[:, None] * s_dl + dd[None, :] * s_dd,
-                 tl.zeros((L_POW2, BLOCK_D), dc_ptr.dtype.element_ty), mask=empty[:, None] & d_ok[None, :])
+        for r0 in range(0, L, BLOCK_N):
+            r = r0 + nn
+            empty = (r < L) & (tl.gather(counts, tl.minimum(r, L_POW2 - 1), 0) == 0)
+            tl.store(dc_ptr + v064 * s_dv + r[:, None] * s_dl + dd[None, :] * s_dd,
+                     tl.zeros((BLOCK_N, BLOCK_D), dc_ptr.dtype.element_ty), mask=empty[:, None] & d_ok[None, :])
         carry = tl.zeros((BLOCK_D,), tl.float32)
         carry_p = tl.sum(tl.zeros((BLOCK_N,), tl.float32), axis=0)
         carry_l = tl.sum(tl.zeros((BLOCK_N,), tl.int32), axis=0) - 1
