@@ -168,21 +168,22 @@ def test_low_precision_inputs_on_the_interpreter(dtype):
     _check_topk(scores, videos, args, 4, True, dtype)
 
 
-def test_clip_gradient_buckets_span_chunks_and_feature_blocks():
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+def test_clip_gradient_buckets_span_chunks_and_feature_blocks(device):
     """The clip gradient sums each clip's queries along a list of queries sorted by argmax clip:
     here one clip is the argmax of 100 queries (its bucket spans two chunks of the interpreter's 64
-    sorted queries), other clips of that video are picked by nobody (zero rows), and D = 72 spans
-    two feature blocks."""
-    if not _config.triton_interpret():
-        pytest.skip("interpreter run (the GPU shapes cover large Nq there)")
-    args, args32 = _inputs((150, 3, 5, 72), "cpu", torch.float32, seed=50, requires_grad=True)
-    noise = 0.05 * torch.randn(100, 72, generator=testing.make_generator(51))
+    sorted queries, three of the GPU's 32), other clips of that video are picked by nobody (zero
+    rows), and D = 72 spans two feature blocks. fp32 (IEEE dots on the GPU)."""
+    if device == "cpu" and not _config.triton_interpret():
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    args, args32 = _inputs((150, 3, 5, 72), device, torch.float32, seed=50, requires_grad=True)
+    noise = (0.05 * torch.randn(100, 72, generator=testing.make_generator(51))).to(device)
     with torch.no_grad():
         for a in (args, args32):
             a["queries"][:100] = a["clips"][0, 2] + noise
     score, index = K.max_similarity(**args, return_index=True, impl="triton")
     assert int((index[:, 0] == 2).sum()) >= 100
-    grad = torch.randn(150, 3, generator=testing.make_generator(52))
+    grad = torch.randn(150, 3, generator=testing.make_generator(52)).to(device)
     for normalize in (True, False):
         got = _grads(_triton_max_similarity, args, normalize, grad)
         want = _grads(max_similarity_ref, args32, normalize, grad)

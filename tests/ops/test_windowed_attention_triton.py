@@ -92,6 +92,7 @@ CASES = {
     "L129-tiled-cutoff": dict(B=2, H=2, L=129, D=16, R=32, cutoff=3.0),
     "L129-tiled-wide-bias": dict(B=1, H=2, L=129, D=64, R=100, sigma=False, lengths=None),
     "L33-noncontiguous": dict(B=3, H=2, L=33, D=16, R=2, cutoff=2.0, noncontiguous=True),
+    "L100-one-query-block": dict(B=3, H=2, L=100, D=64, R=8),  # up to L = 128 a program owns the sequence
 }
 
 
