@@ -283,8 +283,8 @@ def plot(rows: list[dict], path: Path) -> bool:
                            labels, series, "time / triton time")
 
 
-COLUMNS = ["scenario", "mode", "impl", "dtype", "ms", "kernel_ms", "floor_ms", "floor_frac", "speedup_of_triton",
-           "tflops", "gemm_frac", "peak_mib", "err_vs_fp32_ref", "note"]
+COLUMNS = ["scenario", "mode", "impl", "dtype", "ms", "kernel_ms", "floor_bytes_ms", "floor_flops_ms", "floor_frac",
+           "speedup_of_triton", "tflops", "gemm_frac", "peak_mib", "err_vs_fp32_ref", "note"]
 
 
 def main(argv=None) -> Path:

@@ -310,8 +310,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     return common.bar_plot(path, "windowed_attention fwd+bwd (lower is better)", labels, series, "ms", log_y=True)
 
 
-COLUMNS = ["suite", "shape", "mode", "impl", "ms", "kernel_ms", "floor_ms", "floor_frac", "triton_speedup", "gbs",
-           "copy_frac", "peak_mib", "err_vs_triton", "time_ratio_2x_L", "note"]
+COLUMNS = ["suite", "shape", "mode", "impl", "ms", "kernel_ms", "floor_bytes_ms", "floor_flops_ms", "floor_frac",
+           "triton_speedup", "gbs", "copy_frac", "peak_mib", "err_vs_triton", "time_ratio_2x_L", "note"]
 
 
 def main(argv=None) -> Path:
