@@ -203,10 +203,10 @@ def _max_sim_bwd_kernel(
 
 # Launch configurations (kdc_kernels/_launch.py): the first is the pinned one; none spills on sm_90.
 _BWD_INTERPRET = dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_DQ=32, BLOCK_N=64, BLOCK_DC=64)
-_BWD = [
+_BWD = [  # fewer, longer chunks first: the dc pass is a chain of gathers, latency-bound
+    dict(BLOCK_Q=32, BLOCK_V=4, BLOCK_DQ=128, BLOCK_N=64, BLOCK_DC=128, num_warps=8, num_stages=2),
     dict(BLOCK_Q=32, BLOCK_V=4, BLOCK_DQ=64, BLOCK_N=32, BLOCK_DC=64, num_warps=4, num_stages=2),
-    dict(BLOCK_Q=16, BLOCK_V=8, BLOCK_DQ=64, BLOCK_N=64, BLOCK_DC=64, num_warps=8, num_stages=2),
-    dict(BLOCK_Q=32, BLOCK_V=2, BLOCK_DQ=128, BLOCK_N=32, BLOCK_DC=128, num_warps=8, num_stages=2),
+    dict(BLOCK_Q=64, BLOCK_V=2, BLOCK_DQ=128, BLOCK_N=64, BLOCK_DC=128, num_warps=8, num_stages=2),
 ]
 
 
