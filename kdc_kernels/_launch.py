@@ -99,12 +99,7 @@ def mode() -> str:
     return "pinned" if _config.deterministic() or not _config.autotune() else "autotune"
 
 
-_TUNED: dict = {}
-
-
-def clear_cache() -> None:
-    """Forget every autotuning decision of this process."""
-    _TUNED.clear()
+_TUNED: dict = {}  # (kernel, device index, *key) -> the fastest config, for the process
 
 
 def choose(kernel, configs: Sequence[Config], interpret: Config, key: tuple, launch: Callable[[Config], object],

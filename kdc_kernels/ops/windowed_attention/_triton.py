@@ -31,7 +31,9 @@ How the work is laid out:
   complete in the program that computes them: no atomics, and Delta comes exactly from the tile
   instead of the rounded output). Longer sequences use two kernels: ``_bwd_q`` (Delta from dO
   and O, dq, d sigma, bias partials; one program per query block) then ``_bwd_kv`` (dk, dv; one
-  program per key block, skipping query blocks beyond cutoff * max(sigma)).
+  program per key block, skipping query blocks beyond cutoff * max(sigma)). Their Delta is the
+  FlashAttention one: with fp16/bf16 outputs the rounding of O leaves each row's sum of dS at
+  about eps * |dO| |O| instead of 0, which a bias bin summing dS over many rows accumulates.
 * d rel_bias: each tile of dS is reduced along its diagonals on chip (a gather that skews the
   tile, then a column sum), the diagonal sums are binned into the ``2R+1`` table columns in
   registers, and each program writes one row of a ``[programs, bins]`` partial buffer. A small
