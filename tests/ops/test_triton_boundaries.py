@@ -63,7 +63,7 @@ import pytest
 import torch
 
 import kdc_kernels as K
-from kdc_kernels import _config, testing
+from kdc_kernels import _config, _launch, testing
 from kdc_kernels.ops.max_similarity import _triton as ms_triton
 from kdc_kernels.ops.windowed_attention import _triton as wa_triton
 
@@ -146,7 +146,7 @@ def test_attention_boundaries(name, monkeypatch):
     dout = torch.randn(B, H, L, D, generator=testing.make_generator(3))
 
     log = []
-    monkeypatch.setattr(wa_triton, "_VISIT_LOG", log)
+    monkeypatch.setattr(_launch.hooks, "visit_log", log)
     results = {}
     for impl in ("triton", "reference"):
         leaves = {k: (v.clone().requires_grad_(True) if k in GRADS else v) for k, v in args.items()}
