@@ -240,6 +240,31 @@ def test_short_sequences_are_packed():
             assert tiles.G * tiles.BM >= 16 and tiles.G * tiles.BN >= 16, (B, L, D, tiles)
 
 
+def test_ieee_fp32_takes_the_cuda_core_plans(monkeypatch):
+    """fp32 inputs with IEEE dots (the precision rule's default on a GPU) run their dots on the
+    CUDA cores: their plans have one pipeline stage and smaller tiles (scripts/kernel_report.py
+    proves they do not spill on sm_90), and up to L = 128 at D <= 128 the forward still reads K
+    and V once. TF32 and fp16/bf16 keep the tensor-core plans; the interpreter ignores the flag."""
+    rule = {"value": "ieee"}
+    monkeypatch.setattr(_config, "fp32_dot_precision", lambda device_type: rule["value"])
+    assert wa_triton._fma(torch.empty(1, device="meta"))
+    assert not wa_triton._fma(torch.empty(1, device="meta", dtype=torch.bfloat16))
+    rule["value"] = "tf32"
+    assert not wa_triton._fma(torch.empty(1, device="meta"))
+    for B, L, D in ((256, 32, 64), (256, 64, 64), (256, 100, 64), (256, 128, 64), (256, 128, 128),
+                    (256, 32, 128), (2, 4096, 64), (2, 33, 256)):
+        t = wa_triton._fwd_tiles(B, L, D, fma=True)
+        fused, tq, tkv = wa_triton._bwd_tiles(B, L, D, elem_bytes=4, fma=True)
+        for tiles in (t, tkv) + (() if fused else (tq,)):
+            assert all(s == 1 for _, s in tiles.warps_stages), (B, L, D, tiles)
+            assert tiles.G * tiles.BM >= 16 and tiles.G * tiles.BN >= 16, (B, L, D, tiles)
+        if L <= 128 and D <= 128:
+            assert triton.cdiv(L, t.BM) == 1, (B, L, D, t)
+        assert fused == (L <= 64 and D <= 64), (B, L, D)
+        assert wa_triton._fwd_tiles(B, L, D, interpret=True, fma=True) == wa_triton._fwd_tiles(B, L, D, interpret=True)
+        assert wa_triton._bwd_tiles(B, L, D, True, 4, fma=True) == wa_triton._bwd_tiles(B, L, D, True, 4)
+
+
 @pytest.mark.parametrize("device,dtype", TARGETS)
 @pytest.mark.parametrize("how", ["KDC_DETERMINISTIC", "torch"])
 def test_deterministic_gradients_are_bitwise_identical(device, dtype, how, monkeypatch):

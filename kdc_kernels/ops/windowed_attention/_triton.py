@@ -19,14 +19,16 @@ How the work is laid out:
   ``BN`` key positions, with a block-diagonal mask between sequences. Short sequences (L <= 64)
   are packed whole, e.g. 2 sequences of L = 32 in one 64 x 64 tile (not one in a 128-row tile);
   long ones use ``G = 1`` and FlashAttention-style query/key blocks.
-* Up to L = 128 a forward program owns every query of its sequences (one query block), so K and
-  V are read from memory once; beyond, each query block streams the key blocks it can reach.
+* Up to L = 128 (D <= 128) a forward program owns every query of its sequences (one query
+  block), so K and V are read from memory once; beyond, each query block streams the key blocks
+  it can reach.
 * Softmax is online, in fp32, in log2 units; the forward saves the log-sum-exp (0 for padded
   rows, so it stays finite) and the backward recomputes P from it. No ``[B, H, L, L]`` tensor.
 * With ``cutoff``, a tile only visits key blocks that intersect
   ``[i - cutoff * max(sigma), i + cutoff * max(sigma)]`` over its valid rows: cost O(L * window).
   Blocks past the longest sequence of a tile are never visited either.
-* Backward for L <= 64 (L <= 128 when D <= 64) is one kernel per group of whole sequences (the
+* Backward for L <= 64 (L <= 128 when D <= 64; fp32 with IEEE dots: L <= 64 and D <= 64, see
+  the tile plans) is one kernel per group of whole sequences (the
   key block is the whole sequence, so dq, d sigma and the bias partials of every query block are
   complete in the program that computes them: no atomics, and Delta comes exactly from the tile
   instead of the rounded output). Longer sequences use two kernels: ``_bwd_q`` (Delta from dO
@@ -108,27 +110,44 @@ def _pack(B: int, LP: int, rows: int) -> int:
 # The CPU interpreter pays per operation, not per element, so there short sequences are packed
 # into larger tiles (the same code paths: packing, several query blocks per fused program,
 # skipped key blocks); from L = 65 on it runs the GPU plan itself.
-def _fwd_tiles(B: int, L: int, D: int, interpret: bool = False) -> _Tiles:
+#
+# fp32 inputs with IEEE dots (``fma``: the contract's default for fp32 on the GPU) run their dots
+# on the CUDA cores, which hold whole rows of both operands in registers: those plans use one
+# pipeline stage and smaller tiles where the tensor-core plan would spill (up to L = 128 and
+# D = 128 the forward still reads K and V once; the backward of L = 65..128 takes the two
+# kernels). D > 128 is outside the checked shapes: its IEEE fp32 query-block backward spills.
+def _fwd_tiles(B: int, L: int, D: int, interpret: bool = False, fma: bool = False) -> _Tiles:
     LP = _launch.next_pow2(L)
     if LP <= 64:  # whole sequences, packed: one query and one key block per program
-        return _Tiles(_pack(B, LP, 128 if interpret else min(64, 2 * LP)), LP, LP,
-                      ((4, 2), (4, 1), (8, 2)) if D <= 64 else ((8, 2), (8, 1)))
+        if fma and not interpret:
+            configs = ((4, 1), (8, 1)) if D <= 64 else ((8, 1),)
+        else:
+            configs = ((4, 2), (4, 1), (8, 2)) if D <= 64 else ((8, 2), (8, 1))
+        return _Tiles(_pack(B, LP, 128 if interpret else min(64, 2 * LP)), LP, LP, configs)
     wide = D > 128
+    if fma and not interpret:
+        return _Tiles(1, 64 if wide else 128, 32 if D > 64 else 64, ((8, 1),))
     # L <= 128: one query block holds the whole sequence, so K and V are read once
     return _Tiles(1, 64 if wide else 128, 32 if wide else 64, ((8, 2), (8, 3)))
 
 
-def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False, elem_bytes: int = 2) -> tuple[bool, _Tiles, _Tiles]:
+def _bwd_tiles(B: int, L: int, D: int, interpret: bool = False, elem_bytes: int = 2,
+               fma: bool = False) -> tuple[bool, _Tiles, _Tiles]:
     """(fused, tiles of _bwd_q, tiles of _bwd_kv). Fused: each key block is a whole sequence, so
     _bwd_kv alone computes every gradient (the _bwd_q tiles are then unused). fp32 inputs
-    (``elem_bytes`` 4) hold twice the registers per tile: long sequences take 32 query rows."""
+    (``elem_bytes`` 4) hold twice the registers per tile: long sequences take 32 query rows;
+    with IEEE dots (``fma``) see the note above the plans."""
     LP = _launch.next_pow2(L)
-    if LP <= 64 or (LP <= 128 and D <= 64):  # dk, dv of whole sequences stay in registers
+    fma = fma and not interpret
+    if (LP <= 64 or (LP <= 128 and D <= 64)) and not (fma and (LP > 64 or D > 64)):
+        # dk, dv of whole sequences stay in registers
         G = _pack(B, LP, 128 if interpret else min(64, 2 * LP))
-        kv = _Tiles(G, min(LP, max(1, (64 if interpret else 32) // G)), LP, ((8, 1), (8, 2)))
+        kv = _Tiles(G, min(LP, max(1, (64 if interpret else 32) // G)), LP, ((8, 1),) if fma else ((8, 1), (8, 2)))
         return True, kv, kv
     if interpret:
         return False, _Tiles(1, 64, 64), _Tiles(1, 64, 64)
+    if fma:
+        return False, _Tiles(1, 16, 32 if D <= 64 else 16, ((8, 1),)), _Tiles(1, 16, 64 if D <= 128 else 32, ((8, 1),))
     wide = D > 64 or elem_bytes > 2
     return (False, _Tiles(1, 32 if wide else 64, 32, ((8, 1), (8, 2))),
             _Tiles(1, 32, 64 if D <= 128 else 32, ((8, 1),) if wide else ((4, 1), (4, 2), (8, 1))))
@@ -157,6 +176,11 @@ def _precision(q: torch.Tensor) -> str:
     """``input_precision`` of the dots: fp32 inputs follow the package's TF32 rule
     (``_config.fp32_dot_precision``); fp16/bf16 tiles use the tensor cores as they are."""
     return _config.fp32_dot_precision(q.device.type) if q.dtype == torch.float32 else "ieee"
+
+
+def _fma(q: torch.Tensor) -> bool:
+    """fp32 inputs with IEEE dots: the dots run on the CUDA cores (the tile plans differ)."""
+    return q.dtype == torch.float32 and _precision(q) == "ieee"
 
 
 def _visit_buffer(grid, device: torch.device) -> Optional[torch.Tensor]:
@@ -208,7 +232,7 @@ def _or(x: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
 def _window_attn_fwd(q, k, v, rel_bias, sigma, lengths, scale: float, cutoff: Optional[float]):
     """Forward launcher: ``(out [B, H, L, D] in q's dtype, lse [B, H, L] fp32, log2 units)``."""
     B, H, L, D = q.shape
-    t = _fwd_tiles(B, L, D, _launch.interpreted(_window_attn_fwd_kernel))
+    t = _fwd_tiles(B, L, D, _launch.interpreted(_window_attn_fwd_kernel), _fma(q))
     out = _launch.new_buffer("out", (B, H, L, D), q.dtype, q.device)
     lse = _launch.new_buffer("lse", (B, H, L), torch.float32, q.device)
     if out.numel() == 0:
@@ -234,7 +258,7 @@ def _window_attn_bwd(dout, q, k, v, out, lse, rel_bias, sigma, lengths, scale: f
     """Backward launcher: ``(dq, dk, dv, d rel_bias, d sigma)``; the last two are empty tensors
     when not asked for."""
     B, H, L, D = q.shape
-    fused, tq, tkv = _bwd_tiles(B, L, D, _launch.interpreted(_window_attn_bwd_kv_kernel), q.element_size())
+    fused, tq, tkv = _bwd_tiles(B, L, D, _launch.interpreted(_window_attn_bwd_kv_kernel), q.element_size(), _fma(q))
     dev = q.device
     need_bias = need_bias and rel_bias is not None
     need_sigma = need_sigma and sigma is not None
