@@ -45,15 +45,15 @@ def attention_keys_per_query(L: int, sigma_max: float | None, cutoff: float | No
 
 
 def attention_cost(B: int, H: int, L: int, D: int, dtype: str, mode: str, sigma_max: float | None = None,
-                   cutoff: float | None = None) -> tuple[int, int]:
+                   cutoff: float | None = None, keys: int | None = None) -> tuple[int, int]:
     """``(bytes, FLOPs)`` of windowed_attention in ``mode`` (fwd | bwd | fwd+bwd). Bytes: q, k, v,
     o (+ dO, dq, dk, dv) once, sigma (+ d sigma) and the fp32 log-sum-exp; FLOPs: the two GEMMs
     of the forward (QK^T, PV) and the five of the backward (QK^T again, dO V^T, dV, dQ, dK) over
-    the keys each query sees."""
+    the keys each query sees (``keys``, or :func:`attention_keys_per_query` of the cutoff)."""
     n = B * H * L * D * ELEMENT_BYTES[dtype]
     rows = B * H * L * 4
     fwd_bytes, bwd_bytes = 4 * n + 2 * rows, 8 * n + 3 * rows
-    mac = B * H * L * attention_keys_per_query(L, sigma_max, cutoff) * D
+    mac = B * H * L * (min(keys, L) if keys else attention_keys_per_query(L, sigma_max, cutoff)) * D
     fwd_flops, bwd_flops = 2 * 2 * mac, 5 * 2 * mac
     return {"fwd": (fwd_bytes, fwd_flops), "bwd": (bwd_bytes, bwd_flops),
             "fwd+bwd": (fwd_bytes + bwd_bytes, fwd_flops + bwd_flops)}[mode]
