@@ -266,6 +266,32 @@ def test_ieee_fp32_takes_the_cuda_core_plans(monkeypatch):
 
 
 @pytest.mark.parametrize("device,dtype", TARGETS)
+@pytest.mark.parametrize("L", [37, 131], ids=["fused", "tiled"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
+def test_rows_holding_a_non_finite_key_pass_no_gradient(device, dtype, L):
+    """A valid key whose k or v holds NaN/inf poisons exactly the rows whose window holds it
+    (output NaN, lse +inf): whatever their dO, it reaches no gradient (bit for bit the gradients of
+    the same call with dO = 0 on those rows), in the fused and in the tiled backward."""
+    B, H, D, cutoff, j0 = 2, 2, 16, 2.0, 5
+    args = testing.attention_inputs(B, H, L, D, R=3, lengths="full", dtype=dtype, device=device, seed=31)
+    g = testing.make_generator(32)
+    args["sigma"] = (0.5 + 2.5 * torch.rand(B, H, L, generator=g)).to(device)
+    args["k"][0, :, j0, 0] = float("nan")
+    args["v"][0, :, j0, 1] = float("inf")
+    with torch.no_grad():
+        out = K.windowed_attention(**args, cutoff=cutoff, impl="triton")
+    poisoned = torch.isnan(out).any(-1)
+    touch = (torch.arange(L, device=device) - j0).abs()[None, :] <= cutoff * args["sigma"][0]
+    assert torch.equal(poisoned[0], touch) and not poisoned[1].any() and 0 < int(touch.sum()) < H * L // 4
+    dout = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dtype)
+    _, grads = _run(args, "triton", dout, cutoff=cutoff)
+    _, quiet = _run(args, "triton", dout.masked_fill(poisoned[..., None], 0.0), cutoff=cutoff)
+    for n, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"d{n} is not finite"
+        assert torch.equal(grad, quiet[n]), f"d{n}: the dO of a poisoned row reached it"
+
+
+@pytest.mark.parametrize("device,dtype", TARGETS)
 @pytest.mark.parametrize("how", ["KDC_DETERMINISTIC", "torch"])
 def test_deterministic_gradients_are_bitwise_identical(device, dtype, how, monkeypatch):
     if how == "KDC_DETERMINISTIC":

@@ -83,7 +83,7 @@ MUTATIONS = [
     (MB, "g = tl.where(s > float(\"-inf\"), tl.load(g_ptr + n64 * s_gn + v064 * s_gv, mask=ok, other=0.0), 0.0)",
      "g = tl.load(g_ptr + n64 * s_gn + v064 * s_gv, mask=ok, other=0.0)", "length-0 videos send gradient to dc"),
     (WA, "    lse = tl.where(poisoned, float(\"inf\"), lse)\n", "",
-     "a poisoned row keeps a NaN lse (NaN P in the backward)"),
+     "a poisoned row's lse is 0, not +inf (its dO reaches the gradients)"),
 ]
 
 
