@@ -59,7 +59,7 @@ if not torch.cuda.is_available():  # the Triton kernels can only run on the inte
 
 import kdc_kernels as K  # noqa: E402
 from benchmarks import common, roofline  # noqa: E402
-from kdc_kernels import testing  # noqa: E402
+from kdc_kernels import _config, testing  # noqa: E402
 from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref  # noqa: E402
 
 OURS = "triton"
@@ -318,7 +318,8 @@ def main(argv=None) -> Path:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(table)}")
     env = common.environment(device)
     env.update(reps=args.reps, quick=args.quick, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
-               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"), autotune=os.environ.get("KDC_AUTOTUNE"))
+               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"), autotune=os.environ.get("KDC_AUTOTUNE"),
+               value_checks=_config.value_check_mode(device.type), fp32_dots=_config.fp32_dot_precision(device.type))
     rates = common.machine_rates(device)
     env["copy_bandwidth_gbs"] = rates["bandwidth"] / 1e9 if rates["bandwidth"] else None
     env["bf16_gemm_tflops"] = rates["flop_rate"] / 1e12 if rates["flop_rate"] else None

@@ -53,7 +53,7 @@ if not torch.cuda.is_available():  # the Triton kernels can only run on the inte
 
 import kdc_kernels as K  # noqa: E402
 from benchmarks import common, roofline  # noqa: E402
-from kdc_kernels import testing  # noqa: E402
+from kdc_kernels import _config, testing  # noqa: E402
 from kdc_kernels.ops.windowed_attention import windowed_attention_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -350,7 +350,8 @@ def main(argv=None) -> Path:
     env = common.environment(device)
     env.update(dtype=str(dtype).replace("torch.", ""), reps=args.reps, quick=args.quick,
                triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
-               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"), autotune=os.environ.get("KDC_AUTOTUNE"))
+               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"), autotune=os.environ.get("KDC_AUTOTUNE"),
+               value_checks=_config.value_check_mode(device.type), fp32_dots=_config.fp32_dot_precision(device.type))
     rates = common.machine_rates(device)
     env["copy_bandwidth_gbs"] = rates["bandwidth"] / 1e9 if rates["bandwidth"] else None
     env["bf16_gemm_tflops"] = rates["flop_rate"] / 1e12 if rates["flop_rate"] else None
