@@ -18,17 +18,27 @@ Scenarios (the op contract's speed targets):
   tvr-topk     max_similarity_topk (k=100) at the TVR test set
   corpus-topk  max_similarity_topk (k=100) at Nq=10,000, Nv=100,000, L=32, D=512
 
-Reported per competitor: median ms (CUDA events, warm-up, rotating input sets), the speedup of
-``triton`` over it (its ms / ours), achieved TFLOP/s (2 Nq Nv L D per forward; x3 for fwd+bwd, the
-dense-equivalent work) and that as a fraction of the same run's bf16 GEMM rate, peak extra memory,
-and the max error of its scores against the fp32 reference. Output (``--out DIR``):
-max_similarity.json / .md and max_similarity.png (time of each competitor over ours).
+Reported per competitor: median ms per call with the Python dispatch inside the timed window
+(``ms``: CUDA events, warm-up, rotating input sets) and kernel only (``kernel_ms``: CUDA-graph
+replay, benchmarks/common.py), the roofline floor of the scenario beside them (``floor_ms``:
+benchmarks/roofline.py with this run's copy bandwidth and GEMM rate; ``floor_frac`` = floor /
+kernel time), the speedup of ``triton`` over it (its ms / ours), achieved TFLOP/s (2 Nq Nv L D per
+forward; x3 for fwd+bwd, the dense-equivalent work; from the kernel-only time) and that as a
+fraction of the same run's bf16 GEMM rate, peak extra memory, and the max error of its scores
+against the fp32 reference. Output (``--out DIR``): max_similarity.json / .md and
+max_similarity.png (time of each competitor over ours). Rows are printed as they are measured
+(``ROW {json}``), so a run cut short keeps them.
+
+``--quick`` (about a minute on an H200, compiles included): train + TVR scenarios, no compiled or
+fp32-Triton competitors, fewer runs, and the Triton kernels' pinned launch configs (KDC_AUTOTUNE=0
+unless set); ``--competitors`` picks any subset.
 
 On a CPU it is a smoke run only: toy sizes, the reference, the eager PRVR patterns and the Triton
 kernels under the interpreter (no compiled competitors), in well under a minute.
 
 Usage:
     python benchmarks/bench_max_similarity.py [--quick] [--out DIR] [--scenarios train,tvr-topk]
+        [--competitors triton,prvr-bf16,...]
 """
 
 from __future__ import annotations
@@ -48,8 +58,8 @@ if not torch.cuda.is_available():  # the Triton kernels can only run on the inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kdc_kernels as K  # noqa: E402
-from benchmarks import common  # noqa: E402
-from kdc_kernels import testing  # noqa: E402
+from benchmarks import common, roofline  # noqa: E402
+from kdc_kernels import _config, testing  # noqa: E402
 from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref  # noqa: E402
 
 OURS = "triton"
@@ -188,15 +198,17 @@ def competitors(s: Scenario) -> dict:
     return out
 
 
-def _skip(name: str, s: Scenario, device: torch.device, quick: bool) -> str | None:
+def _skip(name: str, s: Scenario, device: torch.device, quick: bool, chosen: set | None = None) -> str | None:
     """Why competitor ``name`` is not run for ``s`` (None: it is)."""
+    if chosen is not None and name not in chosen:
+        return "not among --competitors"
     if name == "triton-fp32" and device.type != "cuda":
         return "the interpreter computes in fp32 anyway (smoke run)"
-    if name == "triton-fp32" and quick:
+    if name == "triton-fp32" and quick and chosen is None:
         return "skipped with --quick (bf16 is the fast path)"
     if name.endswith("-compiled") and device.type != "cuda":
         return "compiled competitors are skipped on CPU (smoke run)"
-    if name.endswith("-compiled") and quick:
+    if name.endswith("-compiled") and quick and chosen is None:
         return "compiled competitors are skipped with --quick"
     if name.endswith("-chunked") and s.nq * s.nv * s.L <= CHUNK_ELEMS:
         return "[Nq, L, Nv] fits: the unchunked pattern is the competitor"
@@ -211,7 +223,7 @@ def _scores_of(result) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def bench_scenario(s: Scenario, device: torch.device, args) -> list[dict]:
+def bench_scenario(s: Scenario, device: torch.device, args, rates: dict) -> list[dict]:
     sets = [make_inputs(s, device, seed) for seed in range(args.rotate)]
     x0 = sets[0]
     with torch.no_grad():
@@ -221,7 +233,7 @@ def bench_scenario(s: Scenario, device: torch.device, args) -> list[dict]:
     for name, (dt, fn) in competitors(s).items():
         row = dict(scenario=s.name, shape=s.label, mode=s.mode, impl=name, dtype=dt)
         rows.append(row)
-        why = _skip(name, s, device, args.quick)
+        why = _skip(name, s, device, args.quick, args.competitors)
         if why is not None:
             row["note"] = why
             continue
@@ -241,7 +253,10 @@ def bench_scenario(s: Scenario, device: torch.device, args) -> list[dict]:
                     got = _scores_of(fn(x0))
                 row["err_vs_fp32_ref"] = testing.max_abs_err(got.float(), want)
             ms = common.time_fn(run, device, warmup=args.warmup, reps=args.reps, max_seconds=args.max_seconds)
-            row.update(ms=ms, tflops=s.tflop / (ms * 1e-3), peak_mib=common.peak_memory_mib(lambda: run(0), device))
+            kernel_ms, how = common.time_kernel(lambda: run(0), device)
+            row.update(ms=ms, kernel_ms=kernel_ms, kernel_how=how, tflops=s.tflop / ((kernel_ms or ms) * 1e-3),
+                       peak_mib=common.peak_memory_mib(lambda: run(0), device))
+            common.with_floor(row, *roofline.similarity_cost(s.nq, s.nv, s.L, s.D, s.k, s.backward), rates)
             times[name] = ms
         except torch.cuda.OutOfMemoryError:
             row["note"] = "out of memory"
@@ -268,8 +283,8 @@ def plot(rows: list[dict], path: Path) -> bool:
                            labels, series, "time / triton time")
 
 
-COLUMNS = ["scenario", "mode", "impl", "dtype", "ms", "speedup_of_triton", "tflops", "gemm_frac", "peak_mib",
-           "err_vs_fp32_ref", "note"]
+COLUMNS = ["scenario", "mode", "impl", "dtype", "ms", "kernel_ms", "floor_bytes_ms", "floor_flops_ms", "floor_frac",
+           "speedup_of_triton", "tflops", "gemm_frac", "peak_mib", "err_vs_fp32_ref", "note"]
 
 
 def main(argv=None) -> Path:
@@ -283,7 +298,14 @@ def main(argv=None) -> Path:
     parser.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 20; quick 10; CPU 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5; quick 2; CPU 1)")
     parser.add_argument("--rotate", type=int, default=2, help="input sets rotated between runs")
+    parser.add_argument("--competitors", default=None, help="comma-separated subset of the competitors "
+                        "(triton, triton-fp32, reference, prvr-fp32, prvr-bf16, prvr-*-compiled, prvr-*-chunked, "
+                        "gemm-bf16; default: all, --quick: no compiled or fp32-Triton ones)")
     args = parser.parse_args(argv)
+    if args.competitors is not None:
+        args.competitors = set(args.competitors.split(",")) | {OURS}  # every ratio is against ours
+    if args.quick:  # one compile per Triton kernel and shape: no autotuning runs
+        os.environ.setdefault("KDC_AUTOTUNE", "0")
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     args.reps = args.reps or (2 if not on_gpu else 10 if args.quick else 20)
@@ -295,12 +317,19 @@ def main(argv=None) -> Path:
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(table)}")
     env = common.environment(device)
-    env.update(reps=args.reps, quick=args.quick, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"))
+    env.update(reps=args.reps, quick=args.quick, triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
+               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"), autotune=os.environ.get("KDC_AUTOTUNE"),
+               value_checks=_config.value_check_mode(device.type), fp32_dots=_config.fp32_dot_precision(device.type))
+    rates = common.machine_rates(device)
+    env["copy_bandwidth_gbs"] = rates["bandwidth"] / 1e9 if rates["bandwidth"] else None
+    env["bf16_gemm_tflops"] = rates["flop_rate"] / 1e12 if rates["flop_rate"] else None
+    if hasattr(torch._functorch.config, "donated_buffer"):  # compiled backward replayed by the kernel timing
+        torch._functorch.config.donated_buffer = False
 
     rows = []
     for n in names:
         print(f"[{n}] {table[n].label}", flush=True)
-        new = bench_scenario(table[n], device, args)
+        new = bench_scenario(table[n], device, args, rates)
         common.print_rows(new)
         rows += new
     md = common.write_results("max_similarity", args.out, env, rows, COLUMNS)
@@ -310,4 +339,7 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
+    # The public ops check lengths values (a device sync) unless told not to; the competitors
+    # check nothing, a training loop would skip them too, and a CUDA graph cannot hold a sync.
+    os.environ.setdefault("KDC_SKIP_VALUE_CHECKS", "1")
     main()

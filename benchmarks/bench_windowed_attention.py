@@ -12,16 +12,26 @@ Competitors:
 
 Suites: PRVR training shapes (B=256, H=8, D=64, L=32/64/128, R=32, adaptive sigma) and long videos
 with a cutoff (B=2, H=8, D=64, L=2k..16k, sigma <= 64, cutoff=3), each in fwd, bwd and fwd+bwd.
-Timing: CUDA events after warm-up, median of >= 20 runs, rotating through several input sets.
-Output (``--out DIR``): windowed_attention.json / .md (ms, speedup of triton over each competitor,
-effective GB/s, fraction of the measured copy bandwidth, peak memory, max error vs triton), a
-plot, and the linear-scaling check (time at 2L / time at L) of the long suite.
+Timing (benchmarks/common.py): per call, Python dispatch included (``ms``: CUDA events after
+warm-up, median of >= 20 runs, rotating through several input sets), and kernel only
+(``kernel_ms``: CUDA-graph replay), beside the roofline floor of the shape (``floor_ms``, from
+benchmarks/roofline.py with this run's copy bandwidth and GEMM rate; ``floor_frac`` = floor /
+kernel time). Output (``--out DIR``): windowed_attention.json / .md (ms, speedup of triton over
+each competitor, effective GB/s, fraction of the measured copy bandwidth, peak memory, max error vs
+triton), a plot, and the linear-scaling check (time at 2L / time at L) of the long suite. Rows are
+printed as they are measured (``ROW {json}``), so a run cut short keeps them.
+
+``--quick`` (about a minute on an H200, compiles included): PRVR L=32/128 and long L=2k/4k, no
+compiled competitors (reference-compiled, flex: their compiles take most of a minute each), and
+the Triton kernels' pinned launch configs (KDC_AUTOTUNE=0 unless set); ``--competitors`` picks
+any subset, e.g. ``--quick --competitors triton,flex``.
 
 On a CPU it is a smoke test only: toy sizes, the eager reference, the SDPA competitors and the
 Triton kernels under the interpreter (no compiled competitors), in well under a minute.
 
 Usage:
     python benchmarks/bench_windowed_attention.py [--quick] [--out DIR] [--dtype bf16|fp16|fp32]
+        [--competitors triton,reference,...]
 """
 
 from __future__ import annotations
@@ -42,8 +52,8 @@ if not torch.cuda.is_available():  # the Triton kernels can only run on the inte
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kdc_kernels as K  # noqa: E402
-from benchmarks import common  # noqa: E402
-from kdc_kernels import testing  # noqa: E402
+from benchmarks import common, roofline  # noqa: E402
+from kdc_kernels import _config, testing  # noqa: E402
 from kdc_kernels.ops.windowed_attention import windowed_attention_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -188,27 +198,30 @@ COMPILED = {"reference-compiled", "flex"}
 DENSE = {"reference", "reference-compiled", "sdpa-dense-bias"}
 
 
-def _applicable(name: str, s: Shape, device: torch.device) -> str | None:
+def _applicable(name: str, s: Shape, device: torch.device, quick: bool = False,
+                chosen: set | None = None) -> str | None:
     """Why competitor ``name`` is not run for ``s`` (None: it is)."""
+    if chosen is not None and name not in chosen:
+        return "not among --competitors"
     if device.type != "cuda" and name in COMPILED:
         return "compiled competitors are skipped on CPU (smoke run)"
+    if quick and chosen is None and name in COMPILED:
+        return "compiled competitors are skipped with --quick (see --competitors)"
     if name in DENSE and s.B * s.H * s.L * s.L > DENSE_LIMIT:
         return f"O(L^2) memory: {s.B * s.H * s.L * s.L:.2e} logits"
     return None
 
 
 # ---------------------------------------------------------------------------------- timing
-def io_bytes(s: Shape, dtype: torch.dtype, mode: str) -> int:
-    """Bytes a kernel must move at least: q, k, v, o (+ dO, dq, dk, dv) and sigma (+ d sigma)."""
-    n = s.B * s.H * s.L * s.D * torch.tensor([], dtype=dtype).element_size()
-    rows = s.B * s.H * s.L * 4
-    fwd = 4 * n + rows
-    bwd = 8 * n + 2 * rows
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+def cost(s: Shape, dtype: torch.dtype, mode: str) -> tuple[int, int]:
+    """``(bytes, FLOPs)`` a kernel must move / do at least (benchmarks/roofline.py)."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return roofline.attention_cost(s.B, s.H, s.L, s.D, name, mode, s.sigma_max, s.cutoff)
 
 
-def measure(fn, s: Shape, sets: list[dict], mode: str, device, reps: int, warmup: int, max_seconds: float) -> float:
-    """Median ms of one call in ``mode``, rotating through ``sets``."""
+def runner(fn, s: Shape, sets: list[dict], mode: str):
+    """``run(i)``: one call in ``mode`` on input set ``i % len(sets)`` (bwd: of a graph built once
+    per input set, outside the timed region)."""
     douts = [torch.randn_like(x["q"]) for x in sets]
     wrt = [[x[n] for n in GRAD_NAMES] for x in sets]
     if mode == "fwd":
@@ -219,22 +232,32 @@ def measure(fn, s: Shape, sets: list[dict], mode: str, device, reps: int, warmup
         def run(i):
             j = i % len(sets)
             torch.autograd.grad(fn(sets[j], s), wrt[j], douts[j], allow_unused=True)
-    else:  # bwd of a graph built once per input set (outside the timed region)
+    else:
         outs = [fn(x, s) for x in sets]
 
         def run(i):
             j = i % len(sets)
             torch.autograd.grad(outs[j], wrt[j], douts[j], retain_graph=True, allow_unused=True)
-    return common.time_fn(run, device, warmup=warmup, reps=reps, max_seconds=max_seconds)
+    return run
 
 
-def bench_shape(s: Shape, dtype, device, args, copy_bw) -> list[dict]:
+def measure(fn, s: Shape, sets: list[dict], mode: str, device, reps: int, warmup: int,
+            max_seconds: float | None) -> tuple[float, float | None, str]:
+    """``(per-call ms, kernel-only ms, how the kernel time was taken)`` of one call in ``mode``."""
+    run = runner(fn, s, sets, mode)
+    ms = common.time_fn(run, device, warmup=warmup, reps=reps, max_seconds=max_seconds)
+    kernel_ms, how = common.time_kernel(lambda: run(0), device)
+    return ms, kernel_ms, how
+
+
+def bench_shape(s: Shape, dtype, device, args, rates) -> list[dict]:
     sets = [make_inputs(s, dtype, device, seed) for seed in range(args.rotate)]
     rows, ours_ms = [], {}
+    copy_bw = rates["bandwidth"] / 1e9 if rates.get("bandwidth") else None
     with torch.no_grad():
         ours_out = _ours(sets[0], s).float()
     for name, fn in COMPETITORS.items():
-        skip = _applicable(name, s, device)
+        skip = _applicable(name, s, device, args.quick, args.competitors)
         if skip is not None:
             rows.append(dict(suite=s.suite, shape=s.label, L=s.L, impl=name, note=skip))
             continue
@@ -244,12 +267,15 @@ def bench_shape(s: Shape, dtype, device, args, copy_bw) -> list[dict]:
             peak = common.peak_memory_mib(lambda: torch.autograd.grad(
                 fn(sets[0], s), [sets[0][n] for n in GRAD_NAMES], torch.ones_like(sets[0]["q"]), allow_unused=True), device)
             for mode in MODES:
-                ms = measure(fn, s, sets, mode, device, args.reps, args.warmup, args.max_seconds)
+                ms, kernel_ms, how = measure(fn, s, sets, mode, device, args.reps, args.warmup, args.max_seconds)
                 if name == OURS:
                     ours_ms[mode] = ms
-                gbs = common.bandwidth_gbs(io_bytes(s, dtype, mode), ms)
-                rows.append(dict(suite=s.suite, shape=s.label, L=s.L, impl=name, mode=mode, ms=ms, gbs=gbs,
-                                 copy_frac=gbs / copy_bw if copy_bw else None, peak_mib=peak, err_vs_triton=err))
+                nbytes, flops = cost(s, dtype, mode)
+                gbs = common.bandwidth_gbs(nbytes, kernel_ms or ms)
+                rows.append(common.with_floor(
+                    dict(suite=s.suite, shape=s.label, L=s.L, impl=name, mode=mode, ms=ms, kernel_ms=kernel_ms,
+                         kernel_how=how, gbs=gbs, copy_frac=gbs / copy_bw if copy_bw else None, peak_mib=peak,
+                         err_vs_triton=err), nbytes, flops, rates))
         except Exception as exc:  # a competitor that fails (unsupported shape, OOM) is reported, not fatal
             rows.append(dict(suite=s.suite, shape=s.label, L=s.L, impl=name, note=f"failed: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}"))
@@ -284,13 +310,16 @@ def plot(rows: list[dict], path: Path) -> bool:
     return common.bar_plot(path, "windowed_attention fwd+bwd (lower is better)", labels, series, "ms", log_y=True)
 
 
-COLUMNS = ["suite", "shape", "mode", "impl", "ms", "triton_speedup", "gbs", "copy_frac", "peak_mib",
-           "err_vs_triton", "time_ratio_2x_L", "note"]
+COLUMNS = ["suite", "shape", "mode", "impl", "ms", "kernel_ms", "floor_bytes_ms", "floor_flops_ms", "floor_frac",
+           "triton_speedup", "gbs", "copy_frac", "peak_mib", "err_vs_triton", "time_ratio_2x_L", "note"]
 
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes (under 2 minutes on a GPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer shapes, no compiled competitors, pinned Triton configs (about a minute on an H200)")
+    parser.add_argument("--competitors", default=None,
+                        help=f"comma-separated subset of {','.join(COMPETITORS)} (default: all; --quick: no compiled ones)")
     parser.add_argument("--out", default="runs/bench", help="output folder (JSON, markdown, plot)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype on a GPU (CPU: fp32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -298,6 +327,14 @@ def main(argv=None) -> Path:
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5; CPU 1)")
     parser.add_argument("--rotate", type=int, default=3, help="input sets rotated between runs")
     args = parser.parse_args(argv)
+    if args.competitors is not None:
+        args.competitors = set(args.competitors.split(","))
+        unknown = args.competitors - set(COMPETITORS)
+        if unknown:
+            parser.error(f"unknown competitor(s) {sorted(unknown)}; choose from {list(COMPETITORS)}")
+        args.competitors |= {OURS}  # every ratio is against ours
+    if args.quick:  # one compile per Triton kernel and shape: no autotuning runs
+        os.environ.setdefault("KDC_AUTOTUNE", "0")
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     args.reps = args.reps or (20 if on_gpu else 2)
@@ -306,17 +343,23 @@ def main(argv=None) -> Path:
     dtype = DTYPES[args.dtype] if on_gpu else torch.float32
     if on_gpu:
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    # The bwd mode replays one graph (retain_graph=True), which compiled backward functions with
+    # donated buffers refuse; give the compiled competitors undonated buffers.
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
     env = common.environment(device)
     env.update(dtype=str(dtype).replace("torch.", ""), reps=args.reps, quick=args.quick,
                triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
-               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"))
-    copy_bw = common.copy_bandwidth_gbs(device)
-    env["copy_bandwidth_gbs"] = copy_bw
+               skip_value_checks=os.environ.get("KDC_SKIP_VALUE_CHECKS"), autotune=os.environ.get("KDC_AUTOTUNE"),
+               value_checks=_config.value_check_mode(device.type), fp32_dots=_config.fp32_dot_precision(device.type))
+    rates = common.machine_rates(device)
+    env["copy_bandwidth_gbs"] = rates["bandwidth"] / 1e9 if rates["bandwidth"] else None
+    env["bf16_gemm_tflops"] = rates["flop_rate"] / 1e12 if rates["flop_rate"] else None
 
     rows = []
     for s in shapes(device, args.quick):
         print(f"[{s.suite}] {s.label}", flush=True)
-        new = bench_shape(s, dtype, device, args, copy_bw)
+        new = bench_shape(s, dtype, device, args, rates)
         common.print_rows(new)
         rows += new
     rows += scaling_rows(rows)

@@ -1,8 +1,18 @@
 """Shared benchmark machinery: timing, environment record, tables, JSON and plots.
 
 Every benchmark script measures competitors in one process on the same inputs and reports
-ratios. Timing: CUDA events after warm-up, median of >= 20 runs, inputs rotated between runs so
-caches do not flatter anyone; on CPU, ``time.perf_counter`` (smoke runs only).
+ratios. Each figure is measured twice:
+
+* per call (:func:`time_fn`): CUDA events around one call, Python dispatch inside the timed
+  window (what a user calling the op gets), after warm-up, median of >= 20 runs, inputs rotated
+  between runs so caches do not flatter anyone; on CPU, ``time.perf_counter`` (smoke runs only);
+* kernel only (:func:`time_kernel`): the same call captured once in a CUDA graph and replayed
+  (``triton.testing.do_bench_cudagraph``: no Python, no launch gaps); where a competitor cannot
+  be captured, a loop of back-to-back calls between two events, per call (``kernel_how`` says
+  which).
+
+Beside each figure the roofline floor of the shape (benchmarks/roofline.py) with this run's
+measured copy bandwidth and bf16 GEMM rate (:func:`machine_rates`).
 """
 
 from __future__ import annotations
@@ -90,6 +100,58 @@ def time_fn(fn: Callable[[int], object], device: torch.device, *, warmup: int = 
         if max_seconds is not None and len(times) >= 3 and time.perf_counter() - start_wall > max_seconds:
             break
     return statistics.median(times)
+
+
+def time_kernel(fn: Callable[[], object], device: torch.device, *, loop: int = 50) -> tuple[float | None, str]:
+    """``(milliseconds, how)``: the kernel cost of one ``fn()``, without Python or launch gaps.
+
+    ``fn`` runs once first (compiles and autotunes outside the capture), then is captured in a
+    CUDA graph and replayed (``how = "cudagraph"``). If it cannot be captured (a host sync, a
+    CPU-side decision), ``loop`` back-to-back calls are timed between two events instead
+    (``how = "loop"``: launch overhead hidden only where the GPU is the bottleneck). CPU: (None, "-").
+    """
+    if device.type != "cuda":
+        return None, "-"
+    import triton.testing
+
+    fn()
+    sync(device)
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"), "cudagraph"
+    except Exception:  # not capturable: fall back to a loop of calls
+        sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(loop):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / loop, "loop"
+
+
+def machine_rates(device: torch.device) -> dict:
+    """This run's measured copy bandwidth (bytes/s) and bf16 GEMM rate (FLOP/s), for the floors."""
+    if device.type != "cuda":
+        return dict(bandwidth=None, flop_rate=None)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = time_fn(lambda i: a @ b, device, warmup=3, reps=10)
+    return dict(bandwidth=copy_bandwidth_gbs(device) * 1e9, flop_rate=2 * 8192**3 / (ms * 1e-3))
+
+
+def with_floor(row: dict, nbytes: float, flops: float, rates: dict) -> dict:
+    """Add the roofline floor of ``nbytes`` / ``flops`` (measured rates; nominal H200 figures on
+    CPU, labelled) and how far the kernel-only time is from it."""
+    from benchmarks import roofline
+
+    measured = rates.get("bandwidth") is not None
+    floor, t_bytes, t_flops = roofline.floor_ms(
+        nbytes, flops, *((rates["bandwidth"], rates["flop_rate"]) if measured else ()))
+    row.update(floor_ms=floor, floor_bytes_ms=t_bytes, floor_flops_ms=t_flops,
+               floor_rates="measured" if measured else "nominal H200")
+    if row.get("kernel_ms"):
+        row["floor_frac"] = floor / row["kernel_ms"]
+    return row
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -8,6 +8,7 @@ with ``os.environ`` / ``monkeypatch.setenv`` and see the effect on the next call
 | ``KDC_IMPL`` | auto, reference, triton, cuda | default ``impl`` of every op |
 | ``KDC_DETERMINISTIC`` | 0, 1 | bitwise run-to-run identical gradients on the fast paths |
 | ``KDC_VALUE_CHECKS`` | auto, sync, async, off | data-dependent checks (lengths in range, sigma finite and > 0 on valid rows, mask is a 0/1 prefix): ``sync`` reads the values on the host and raises a ``ValueError`` naming the argument and the first bad entry (a device sync per check: the debug mode); ``async`` enqueues device-side asserts (no host sync; on a GPU a bad value ends in "device-side assert triggered", rerun with ``sync`` to see which); ``off`` trusts the data; ``auto`` (default): ``sync`` for CPU tensors (no device to wait for), ``async`` elsewhere |
+| ``KDC_AUTOTUNE`` | 0, 1 (1) | 0: every Triton kernel runs its pinned launch configuration (one compile per case, no timing runs; kdc_kernels/_launch.py) |
 | ``KDC_SKIP_VALUE_CHECKS`` | 0, 1 | older spelling of ``KDC_VALUE_CHECKS=off`` (``1`` wins over ``KDC_VALUE_CHECKS``) |
 | ``KDC_JIT`` | 0, 1 | build the CUDA extension on first use (editable installs) |
 | ``TRITON_INTERPRET`` | 0, 1 | Triton's own flag: run Triton kernels on the CPU interpreter |
@@ -92,6 +93,12 @@ def fp32_dot_precision(device_type: str) -> str:
         return precision
     tf32 = matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
     return "tf32" if tf32 else "ieee"
+
+
+def autotune() -> bool:
+    """``KDC_AUTOTUNE`` (default 1): autotune the Triton kernels' launch configurations on the GPU;
+    0 pins each kernel to its first configuration (as deterministic mode does)."""
+    return os.environ.get("KDC_AUTOTUNE", "").strip() == "" or _flag("KDC_AUTOTUNE")
 
 
 def triton_interpret() -> bool:

@@ -17,6 +17,10 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # One compile per test case: the GPU tests run every Triton kernel in its pinned launch config
+    # (tests/test_launch_policy.py autotunes on purpose).
+    os.environ.setdefault("KDC_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import bench_max_similarity as bench
@@ -25,6 +26,9 @@ def test_benchmark_smoke_run(tmp_path):
         if r.get("ms") and r["impl"] != "gemm-bf16":
             assert r["err_vs_fp32_ref"] < (1e-4 if r["dtype"] == "fp32" else 2e-2), r
     assert not [r for r in rows if str(r.get("note", "")).startswith(("failed", "out of memory"))]
+    for r in rows:  # every timed figure has its roofline floor beside it (nominal rates on CPU)
+        if r.get("ms"):
+            assert r["floor_ms"] > 0 and r["floor_rates"] == "nominal H200" and r["kernel_how"] == "-", r
 
 
 def test_competitors_compute_the_same_maths(monkeypatch):
@@ -41,3 +45,15 @@ def test_competitors_compute_the_same_maths(monkeypatch):
     testing.assert_topk_equivalent(top_s, top_v, want, 1e-5, "chunked prvr top-k")
     # chunks of 200 // (Nq * L) = 10 videos share one output buffer: it ends holding videos 20..22
     testing.assert_close(bench._gemm(q, c)[:, : 3 * 4], q @ c[20:].reshape(12, 8).t(), 1e-5, "chunked GEMM")
+
+
+@pytest.mark.gpu
+def test_kernel_only_timing_replays_a_graph_and_falls_back_to_a_loop():
+    from benchmarks import common
+
+    device = torch.device("cuda")
+    a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16)
+    ms, how = common.time_kernel(lambda: a @ a, device)
+    assert how == "cudagraph" and ms > 0
+    ms, how = common.time_kernel(lambda: float((a @ a)[0, 0]), device)  # a host sync: not capturable
+    assert how == "loop" and ms > 0

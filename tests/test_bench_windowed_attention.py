@@ -24,6 +24,9 @@ def test_benchmark_smoke_run(tmp_path):
     assert all(r["err_vs_triton"] < 1e-4 for r in rows
                if r["impl"] in ("reference", "sdpa-dense-bias") and "err_vs_triton" in r)
     assert any(r["suite"] == "scaling" and r["impl"] == "triton" for r in rows)
+    for r in rows:  # every timed figure has its roofline floor beside it (nominal rates on CPU)
+        if r.get("ms") and r["suite"] != "scaling":
+            assert r["floor_ms"] > 0 and r["floor_rates"] == "nominal H200" and r["kernel_how"] == "-", r
     assert not [r for r in rows if str(r.get("note", "")).startswith("failed")]
 
 

@@ -69,3 +69,32 @@ def test_budget_skips_the_stages_that_no_longer_fit(tmp_path):
     assert first is not None and first <= STAGES.index("bench-cuda-kernels"), stages
     assert all(s["status"] in ("skipped (suite budget spent)", "skipped (build did not pass)")
                for s in stages[first:]), stages
+
+
+def test_targets_read_the_roofline_model_and_judge_the_per_call_time():
+    """benchmarks/targets.py has no constants of its own: its floors are roofline.py's (the model
+    behind RESULTS.md's predicted column). A target is met or not on the per-call ``ms``; the
+    kernel-only ``kernel_ms`` (CUDA-graph replay) is shown beside it when the rows have it."""
+    from benchmarks import roofline, targets
+
+    assert (targets.COPY_BYTES_PER_S, targets.BF16_FLOP_PER_S) == (roofline.HBM_BYTES_PER_S, roofline.BF16_FLOPS_PER_S)
+    assert targets.floor_ms(3e9, 2e12) == roofline.floor_ms(3e9, 2e12)[0]
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        assert targets.attention_floor_ms(256, 8, 128, 64, mode) == \
+            roofline.floor_ms(*roofline.attention_cost(256, 8, 128, 64, "bf16", mode))[0]
+    long = roofline.attention_cost(2, 8, 16384, 64, "bf16", "fwd+bwd", targets.LONG_SIGMA_MAX, targets.LONG_CUTOFF)
+    assert targets.attention_floor_ms(2, 8, 16384, 64, "fwd+bwd", 385) == roofline.floor_ms(*long)[0]
+    assert targets.similarity_floor_ms(640, 128, 128, 384, backward=True) == \
+        roofline.floor_ms(*roofline.similarity_cost(640, 128, 128, 384, None, True))[0]
+    assert targets.similarity_floor_ms(10895, 2179, 128, 384, k=100) == \
+        roofline.floor_ms(*roofline.similarity_cost(10895, 2179, 128, 384, 100, False))[0]
+
+    def row(impl, ms, kernel_ms=None):
+        return dict(bench="bench-windowed-attention", suite="prvr", L=128, mode="fwd+bwd", impl=impl, ms=ms,
+                    **({"kernel_ms": kernel_ms} if kernel_ms is not None else {}))
+
+    eager = "windowed_attention B=256 H=8 L=128 D=64 fwd+bwd: >= 4.0x reference"
+    got = {t["target"]: t for t in targets.evaluate([row("triton", 1.0, 0.5), row("reference", 3.0, 2.5)])}[eager]
+    assert got["measured"] == "3.00x (kernel only 5.00x)" and got["met"] == "NOT met"  # per call decides
+    got = {t["target"]: t for t in targets.evaluate([row("triton", 1.0), row("reference", 4.5)])}[eager]
+    assert got["measured"] == "4.50x" and got["met"] == "met"

@@ -2,10 +2,10 @@
 
 Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by
 conftest); with one, ``pytest -m gpu`` runs the same checks in fp32, fp16 and bf16. Every buffer the
-launchers allocate is NaN-poisoned (``launch_hooks.poison``), so an element a kernel fails to write
+launchers allocate is NaN-poisoned (``KDC_POISON_OUTPUTS=1``), so an element a kernel fails to write
 fails the comparison. Shapes hit 1, odd sizes and one past the interpreter's blocks (16 queries,
-64 clip columns, 32 features; 8 videos per dq step, 16 queries per dc step); the GPU adds shapes one
-past its larger blocks.
+64 clip columns, 32 features; 8 videos per dq step, 16 sorted queries per dc chunk); the GPU adds
+shapes one past its larger blocks.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import torch
 pytest.importorskip("triton")
 
 import kdc_kernels as K  # noqa: E402
-from kdc_kernels import _backend, _config, testing  # noqa: E402
+from kdc_kernels import _backend, _config, _launch, testing  # noqa: E402
 from kdc_kernels.ops.max_similarity import _triton as T  # noqa: E402
+from kdc_kernels.ops.max_similarity import _triton_bwd as TB  # noqa: E402
+from kdc_kernels.ops.max_similarity import _triton_topk as TK  # noqa: E402
 from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref  # noqa: E402
 
 FP32_TOL = testing.TOLERANCE[torch.float32]
@@ -41,7 +43,7 @@ def target(request):
 
 @pytest.fixture(autouse=True)
 def _poison_launcher_buffers(monkeypatch):
-    monkeypatch.setattr(T.launch_hooks, "poison", True)
+    monkeypatch.setenv("KDC_POISON_OUTPUTS", "1")
 
 
 def _inputs(shape, device, dtype, *, seed, lengths="ragged", noncontiguous=False, requires_grad=False):
@@ -144,8 +146,8 @@ def test_forward_and_gradients_match_reference(target, shape_id, normalize):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_inputs_on_the_interpreter(dtype):
-    """fp16/bf16 loads, the fp32 math and the low-precision stores of dq/dc, and the split-weight
-    path of the clip gradient, under the interpreter (the GPU tests repeat this at larger sizes)."""
+    """fp16/bf16 loads, the fp32 math and the low-precision stores of dq/dc under the interpreter
+    (the GPU tests repeat this at larger sizes)."""
     if not _config.triton_interpret():
         pytest.skip("interpreter run (the GPU targets cover low precision there)")
     shape = (17, 9, 20, 33)
@@ -166,27 +168,27 @@ def test_low_precision_inputs_on_the_interpreter(dtype):
     _check_topk(scores, videos, args, 4, True, dtype)
 
 
-def test_tf32_weight_split_is_exact():
-    """The clip gradient's fp16/bf16 path splits fp32 weights into a TF32-exact part and the rest.
-    The interpreter does not round dots to TF32, so the split is checked directly."""
-    if not _config.triton_interpret():
-        pytest.skip("interpreter run")
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def split_kernel(w_ptr, hi_ptr, lo_ptr, N: tl.constexpr):
-        offs = tl.arange(0, N)
-        hi, lo = T._tf32_split(tl.load(w_ptr + offs))
-        tl.store(hi_ptr + offs, hi)
-        tl.store(lo_ptr + offs, lo)
-
-    w = torch.randn(256, generator=testing.make_generator(42)) * torch.logspace(-20, 20, 256)
-    w[:3] = torch.tensor([0.0, -0.0, 1.0])
-    hi, lo = torch.empty_like(w), torch.empty_like(w)
-    split_kernel[(1,)](w, hi, lo, N=256)
-    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all(), "the high part is not exact in TF32"
-    assert torch.equal(hi + lo, w) and (lo.abs() <= w.abs() * 2**-10).all()
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+def test_clip_gradient_buckets_span_chunks_and_feature_blocks(device):
+    """The clip gradient sums each clip's queries along a list of queries sorted by argmax clip:
+    here one clip is the argmax of 100 queries (its bucket spans two chunks of the interpreter's 64
+    sorted queries, three of the GPU's 32), other clips of that video are picked by nobody (zero
+    rows), and D = 72 spans two feature blocks. fp32 (IEEE dots on the GPU)."""
+    if device == "cpu" and not _config.triton_interpret():
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (conftest sets it without a GPU)")
+    args, args32 = _inputs((150, 3, 5, 72), device, torch.float32, seed=50, requires_grad=True)
+    noise = (0.05 * torch.randn(100, 72, generator=testing.make_generator(51))).to(device)
+    with torch.no_grad():
+        for a in (args, args32):
+            a["queries"][:100] = a["clips"][0, 2] + noise
+    score, index = K.max_similarity(**args, return_index=True, impl="triton")
+    assert int((index[:, 0] == 2).sum()) >= 100
+    grad = torch.randn(150, 3, generator=testing.make_generator(52)).to(device)
+    for normalize in (True, False):
+        got = _grads(_triton_max_similarity, args, normalize, grad)
+        want = _grads(max_similarity_ref, args32, normalize, grad)
+        for g, w, name in zip(got, want, ("d queries", "d clips")):
+            testing.check_fast_path(g, w, name=f"{name} (normalize={normalize})")
 
 
 def test_grads_at_an_argmax_is_the_reference_backward():
@@ -294,12 +296,11 @@ def test_deterministic_mode_gives_bitwise_identical_gradients(target, monkeypatc
 def test_poison_hook_fills_every_launcher_buffer(monkeypatch):
     """The NaN poisoning the other tests rely on really happens (before the kernels write)."""
     seen = {}
-    monkeypatch.setattr(T.launch_hooks, "on_alloc", lambda name, t: seen.setdefault(name, t.clone()))
+    monkeypatch.setattr(_launch.hooks, "on_alloc", lambda name, t: seen.setdefault(name, t.clone()))
     args, _ = _inputs((5, 7, 3, 8), "cpu", torch.float32, seed=13)
-    T._max_sim_fwd(args["queries"], args["clips"], args["lengths"], True)
-    T._max_sim_bwd(torch.ones(5, 7), args["queries"], args["clips"], *T._max_sim_fwd(
-        args["queries"], args["clips"], args["lengths"], True), True, True, True)
-    assert {"score", "index", "dq", "dc", "query_norms", "clip_norms"} <= set(seen)
+    saved = T._max_sim_fwd(args["queries"], args["clips"], args["lengths"], True)
+    TB._max_sim_bwd(torch.ones(5, 7), args["queries"], args["clips"], *saved, True, True, True)
+    assert {"score", "index", "dq", "dc", "query_norms", "clip_norms", "argmax_buckets"} <= set(seen)
     for name, t in seen.items():
         assert (t.isnan().all() if t.is_floating_point() else (t == -1).all()), f"{name} was not poisoned"
 
@@ -341,9 +342,9 @@ def test_topk_matches_reference(target, monkeypatch, case, normalize, splits):
     device, dtype = target
     nq, nv, L, D, k = case
     if splits is not None:
-        if T._topk_kpad(k) > T._TOPK_REGISTER_MAX:
+        if TK._topk_kpad(k) > TK._TOPK_REGISTER_MAX:
             pytest.skip("splits only exist on the register path")
-        monkeypatch.setattr(T.launch_hooks, "topk_splits", splits)
+        monkeypatch.setattr(_launch.hooks, "topk_splits", splits)
     args, _ = _inputs((nq, nv, L, D), device, dtype, seed=nv + k)
     scores, videos = K.max_similarity_topk(**args, k=k, normalize=normalize, impl="triton")
     _check_topk(scores, videos, args, k, normalize, dtype)
@@ -372,7 +373,7 @@ def test_topk_allocates_no_nq_by_nv_buffer(monkeypatch, k):
         pytest.skip("CPU interpreter run (the GPU test below measures the allocator)")
     nq, nv, L, D = 12, 1100, 3, 8  # Nv > 4 * K_PAD: the chunked path takes several chunks
     buffers = []
-    monkeypatch.setattr(T.launch_hooks, "on_alloc", lambda name, t: buffers.append((name, tuple(t.shape), t.numel())))
+    monkeypatch.setattr(_launch.hooks, "on_alloc", lambda name, t: buffers.append((name, tuple(t.shape), t.numel())))
     args, _ = _inputs((nq, nv, L, D), "cpu", torch.float32, seed=15)
     scores, videos = K.max_similarity_topk(**args, k=k, impl="triton")
     _check_topk(scores, videos, args, k, True, torch.float32)
@@ -380,7 +381,7 @@ def test_topk_allocates_no_nq_by_nv_buffer(monkeypatch, k):
     largest = max(buffers, key=lambda b: b[2])
     assert largest[2] < nq * nv, f"{largest[0]} {largest[1]} is as large as an [Nq, Nv] score matrix"
     # O(Nq * k) apart from the [Nv, L] norm table: a bound that does not grow with Nv
-    k_pad = T._topk_kpad(k)
+    k_pad = TK._topk_kpad(k)
     assert sum(b[2] for b in buffers if b[0] != "clip_norms") <= 8 * nq * k_pad, buffers
 
 
@@ -403,13 +404,13 @@ def test_topk_peak_memory_is_far_below_a_score_matrix(k):
 def test_topk_k_above_the_limit_is_refused():
     meta = dict(queries=torch.empty(4, 8, device="meta"), clips=torch.empty(5000, 2, 8, device="meta"),
                 lengths=None, normalize=True)
-    assert T.max_similarity_topk_unsupported(**meta, k=T._TOPK_MAX_K) == []
-    reasons = T.max_similarity_topk_unsupported(**meta, k=T._TOPK_MAX_K + 1)
-    assert len(reasons) == 1 and str(T._TOPK_MAX_K) in reasons[0]
+    assert T.max_similarity_topk_unsupported(**meta, k=TK._TOPK_MAX_K) == []
+    reasons = T.max_similarity_topk_unsupported(**meta, k=TK._TOPK_MAX_K + 1)
+    assert len(reasons) == 1 and str(TK._TOPK_MAX_K) in reasons[0]
     if _config.triton_interpret():
-        q, c = torch.randn(2, 4), torch.randn(T._TOPK_MAX_K + 1, 1, 4)
+        q, c = torch.randn(2, 4), torch.randn(TK._TOPK_MAX_K + 1, 1, 4)
         with pytest.raises(NotImplementedError, match="4096"):
-            K.max_similarity_topk(q, c, k=T._TOPK_MAX_K + 1, impl="triton")
+            K.max_similarity_topk(q, c, k=TK._TOPK_MAX_K + 1, impl="triton")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,11 +424,12 @@ def test_opcheck(target):
     q, c, lengths = args["queries"], args["clips"], args["lengths"]
     torch.library.opcheck(T.max_similarity_fwd_op, (q, c, lengths, True))
     torch.library.opcheck(T.max_similarity_fwd_op, (q, c, None, False))
-    score, index = T.max_similarity_fwd_op(q.detach(), c.detach(), lengths, True)
+    saved = T.max_similarity_fwd_op(q.detach(), c.detach(), lengths, True)
     grad = torch.randn(5, 7, generator=testing.make_generator(18)).to(device)
-    torch.library.opcheck(T.max_similarity_bwd_op, (grad, q.detach(), c.detach(), score, index, True, True, True))
-    torch.library.opcheck(T.max_similarity_bwd_op, (grad, q.detach(), c.detach(), score, index, False, False, True))
-    torch.library.opcheck(T.max_similarity_topk_op, (q.detach(), c.detach(), lengths, 3, True))
+    torch.library.opcheck(T.max_similarity_bwd_op, (grad, q.detach(), c.detach(), *saved, True, True, True))
+    raw = T.max_similarity_fwd_op(q.detach(), c.detach(), lengths, False)
+    torch.library.opcheck(T.max_similarity_bwd_op, (grad, q.detach(), c.detach(), *raw, False, False, True))
+    torch.library.opcheck(TK.max_similarity_topk_op, (q.detach(), c.detach(), lengths, 3, True))
 
 
 def test_compile_fullgraph_matches_eager(target):
@@ -440,7 +442,8 @@ def test_compile_fullgraph_matches_eager(target):
         return score, index, top_scores, top_videos
 
     compiled = torch.compile(step, fullgraph=True)
-    got = compiled(**args)
+    with torch._inductor.config.patch(force_disable_caches=True):  # no stale artifact of another op schema
+        got = compiled(**args)
     want = step(**args)
     for g, w, name in zip(got, want, ("score", "index", "top-k scores", "top-k videos")):
         assert torch.equal(g, w), f"compiled {name} differs from eager"
@@ -455,7 +458,7 @@ def test_auto_picks_triton_on_cuda_and_the_reference_on_cpu(target, monkeypatch)
     """impl=None (auto): what the model's training (max_similarity) and evaluation (topk) use."""
     device, dtype = target
     launched = []
-    monkeypatch.setattr(T.launch_hooks, "on_alloc", lambda name, t: launched.append(name))
+    monkeypatch.setattr(_launch.hooks, "on_alloc", lambda name, t: launched.append(name))
     args, args32 = _inputs((7, 12, 5, 16), device, dtype, seed=21, requires_grad=True)
     score = K.max_similarity(**args)
     scores, videos = K.max_similarity_topk(**args, k=3)
@@ -479,6 +482,10 @@ def test_size_limits_are_reasons_and_exotic_strides_are_compacted():
     reasons = T.max_similarity_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, True, False)
     assert len(reasons) == 1 and "Nv = 16777217" in reasons[0]
     assert T.max_similarity_topk_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, 5, True) == []
+    long = torch.empty(3, T._MAX_BWD_L + 1, 8, device="meta")
+    assert T.max_similarity_unsupported(q, long, None, True, False) == []  # no gradient: any L
+    reasons = T.max_similarity_unsupported(q, long.requires_grad_(True), None, True, False)
+    assert len(reasons) == 1 and f"L = {T._MAX_BWD_L + 1}" in reasons[0]
     wide = torch.empty_strided((4, 8), (2**30, 1), device="meta")
     assert T._int32_tiles(wide, (T._TILE_QUERIES, 8)).stride() == (8, 1)
     fine = torch.empty_strided((4, 8), (1, 4), device="meta")

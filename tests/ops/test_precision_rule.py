@@ -10,9 +10,13 @@ import pytest
 import torch
 
 import kdc_kernels as K
-from kdc_kernels import _config, testing
+from kdc_kernels import _config, _launch, testing
 from kdc_kernels.ops.max_similarity import _triton as ms_triton
 from kdc_kernels.ops.windowed_attention import _triton as wa_triton
+
+# Every file that holds Triton kernels or device functions (kernels moved between files must
+# stay covered: the list is found, not written down).
+KERNEL_FILES = sorted((Path(K.__file__).parent / "ops").glob("*/_triton*.py"))
 
 
 @pytest.fixture
@@ -46,17 +50,33 @@ def test_both_launchers_use_the_rule(monkeypatch):
     monkeypatch.setattr(_config, "fp32_dot_precision", rule)
     assert wa_triton._precision(torch.empty(1, device="meta")) == "tf32"
     assert wa_triton._precision(torch.empty(1, device="meta", dtype=torch.bfloat16)) == "ieee"
-    assert ms_triton._dot_mode(torch.float32, torch.device("cuda")) == (True, "tf32")
-    assert ms_triton._dot_mode(torch.bfloat16, torch.device("cuda")) == (False, "ieee")
+    # max_similarity decides per kernel: compiled kernels run on CUDA tensors, the interpreter
+    # computes in IEEE fp32 throughout
+    kernel = ms_triton._max_sim_fwd_kernel
+    monkeypatch.setattr(_launch, "interpreted", lambda k: False)
+    assert ms_triton._dot_mode(torch.float32, kernel) == (True, "tf32")
+    assert ms_triton._dot_mode(torch.bfloat16, kernel) == (False, "ieee")
+    monkeypatch.setattr(_launch, "interpreted", lambda k: True)
+    assert ms_triton._dot_mode(torch.float32, kernel) == (True, "ieee")
     assert seen == ["meta", "cuda"]
 
 
-@pytest.mark.parametrize("module", [wa_triton, ms_triton], ids=["windowed_attention", "max_similarity"])
-def test_every_dot_states_its_precision(module):
+def test_the_scan_covers_every_kernel_file():
+    """The scan below reads every kernel file, and finds the dots where the kernels have them
+    (the max-similarity backward has none: it sums on the CUDA cores; the top-k shares the
+    forward's score tile, ``_video_max_tile``)."""
+    names = [f"{p.parent.name}/{p.name}" for p in KERNEL_FILES]
+    assert {"windowed_attention/_triton.py", "windowed_attention/_triton_kernels.py", "max_similarity/_triton.py",
+            "max_similarity/_triton_bwd.py", "max_similarity/_triton_topk.py"} <= set(names), names
+    dots = {n for n, p in zip(names, KERNEL_FILES) if "tl.dot(" in p.read_text()}
+    assert {"windowed_attention/_triton_kernels.py", "max_similarity/_triton.py"} <= dots, dots
+
+
+@pytest.mark.parametrize("path", KERNEL_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_dot_states_its_precision(path):
     """No tl.dot falls back to Triton's default (TF32 for fp32 on a GPU)."""
-    source = Path(module.__file__).read_text()
+    source = path.read_text()
     calls = [m.start() for m in re.finditer(r"tl\.dot\(", source)]
-    assert calls
     for start in calls:
         depth, end = 0, start + len("tl.dot")
         for end in range(start + len("tl.dot"), len(source)):

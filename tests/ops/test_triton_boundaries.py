@@ -15,10 +15,13 @@ Mutation campaign (``python -m tests.ops.triton_mutations --first``: each mutati
 copy of the repository, then this module, ``test_contract_v2.py`` and the op's own Triton test
 module run in that order on the CPU interpreter, stopping at the first failure; the copy is then
 discarded). The first test that kills each mutation (``contract`` = tests/ops/test_contract_v2.py,
-``triton`` = the op's test_<op>_triton.py); on the 2-core CPU machine, 25 mutations:
+``triton`` = the op's test_<op>_triton.py); on the 2-core CPU machine, 27 mutations, after the
+kernels moved to their own files (attention: ``_triton_kernels.py``, launchers in ``_triton.py``;
+max-sim: forward in ``_triton.py``, the one-launch bucketed backward in ``_triton_bwd.py``, top-k
+in ``_triton_topk.py``):
 
 ==  ====================================================================  ================================================
-#   mutation (windowed_attention/_triton.py unless marked max-sim)         first killed by
+#   mutation (windowed_attention/_triton_kernels.py unless marked)         first killed by
 ==  ====================================================================  ================================================
 1   ``_window`` lo: ``start - wmax - 1.0`` -> ``start - wmax + 8.0``       test_attention_boundaries[narrow-uniform]
 2   ``_window`` hi: ``start + BLK + wmax + 1.0`` -> ``start + BLK``        test_attention_boundaries[narrow-uniform]
@@ -29,32 +32,39 @@ discarded). The first test that kills each mutation (``contract`` = tests/ops/te
 6   ``_logits`` cutoff ``tl.abs(d) <= win`` -> ``<``                       test_attention_boundaries[narrow-uniform]
 7   ``_logits``: key mask ``j < n_i`` -> ``j >= 0`` (padding attended)     test_attention_boundaries[narrow-ragged]
 8   ``_logits``: packed-sequence mask ``s_i == s_j`` dropped               contract excluded positions [packed]
-9   launcher ``sigma_max``: ``amax`` -> ``amin`` (key-side skipping)       test_attention_boundaries[wide-rows-at-edges]
-10  launcher ``sigma_max``: padded rows not masked out                     test_attention_boundaries[narrow-ragged]
+9   launcher (``_triton.py``) ``sigma_max``: ``amax`` -> ``amin``          test_attention_boundaries[wide-rows-at-edges]
+10  launcher (``_triton.py``) ``sigma_max``: padded rows not masked out    test_attention_boundaries[narrow-ragged]
 11  ``_query_tile``: q loaded on ``row_in`` (padded rows read)             test_attention_boundaries[narrow-ragged]
 12  ``_key_tile`` (forward): non-finite k/v not zeroed                     contract excluded positions [packed]
 13  ``_key_tile`` (backward): non-finite k not zeroed                      contract excluded positions [packed]
 14  forward: the NaN flag not added (rows holding a NaN key stay finite)  contract excluded positions [packed]
-15  ``_bwd_q``: a poisoned row's NaN Delta kept                            contract excluded positions [tiled]
+15  ``_bwd_q``: a poisoned row's NaN Delta kept (the tiled backward; the   contract excluded positions [tiled]
+    fused one takes Delta from its tile)
 16  ``_dsigma``: ``t / sigma^3`` without the ``t == 0`` guard              contract any positive sigma [1e-23]
 17  max-sim ``_video_max_tile``: ``l < n_valid`` -> ``<=``                 test_similarity_boundaries
 18  max-sim ``_video_max_tile``: ``a + l0`` -> ``a`` (chunk offset lost)   test_similarity_boundaries
 19  max-sim ``_video_max_tile``: ``m > best`` -> ``>=`` (later chunk       test_similarity_boundaries
     wins a tie)
-20  max-sim dq: the ``-inf`` (length-0 video) guard dropped                test_similarity_boundaries
-21  max-sim dc: the ``hits > 0`` guard dropped (padded NaN clips)          contract excluded clips and empty videos
+20  max-sim ``_bwd_dq``: the ``-inf`` (length-0 video) guard dropped       contract excluded clips and empty videos
+21  max-sim ``_bwd_dc``: a bucket without a nonzero weight reads its clip  contract excluded clips and empty videos
+    (``hit = end``: the padded NaN clip of a length-0 video)
 22  max-sim top-k: ``vv < Nv - v0`` -> ``<=``                              survived (equivalent, see below)
 23  ``_window_attn_fwd``: out stored on ``row_ok`` (padded rows unwritten)  test_attention_boundaries[narrow-ragged]
 24  max-sim top-k merge: ``col < n_cols`` -> ``<=``                        triton test_topk_matches_reference
 25  ``_key_tile``: k loaded on ``col_in`` (padded keys read)               survived (equivalent, see below)
+26  max-sim ``_bwd_dc``: ``-inf`` scores keep their weight                 contract excluded clips and empty videos
+27  forward: a poisoned row's lse 0 instead of +inf (its dO reaches the    triton test_rows_holding_a_non_finite_key_pass_
+    gradients)                                                            no_gradient[fused]
 ==  ====================================================================  ================================================
 
 Mutation 1 (the one the reliability report found) is killed by this module only: in a full run
 of the three modules (without ``--first``, on an earlier revision of these cases) only
-test_attention_boundaries[narrow-uniform, narrow-ragged, fractional] failed. Survivors, equivalent for every result (recorded so nobody re-runs them): 22 adds a
-candidate one past the last video, which scores -inf and has the highest index, so it can never
-enter a top-k of k <= Nv; 25 reads padded keys, which are then masked to weight 0 (and zeroed if
-non-finite): a second line of defence, not a bug.
+test_attention_boundaries[narrow-uniform, narrow-ragged, fractional] failed. Mutation 27 survived
+the first run of this campaign (the contract test zeroes dO on poisoned rows); the triton test
+named beside it was added for it. Survivors, equivalent for every result (recorded so nobody
+re-runs them): 22 adds a candidate one past the last video, which scores -inf and has the highest
+index, so it can never enter a top-k of k <= Nv; 25 reads padded keys, which are then masked to
+weight 0 (and zeroed if non-finite): a second line of defence, not a bug.
 """
 
 from __future__ import annotations
@@ -63,7 +73,7 @@ import pytest
 import torch
 
 import kdc_kernels as K
-from kdc_kernels import _config, testing
+from kdc_kernels import _config, _launch, testing
 from kdc_kernels.ops.max_similarity import _triton as ms_triton
 from kdc_kernels.ops.windowed_attention import _triton as wa_triton
 
@@ -146,7 +156,7 @@ def test_attention_boundaries(name, monkeypatch):
     dout = torch.randn(B, H, L, D, generator=testing.make_generator(3))
 
     log = []
-    monkeypatch.setattr(wa_triton, "_VISIT_LOG", log)
+    monkeypatch.setattr(_launch.hooks, "visit_log", log)
     results = {}
     for impl in ("triton", "reference"):
         leaves = {k: (v.clone().requires_grad_(True) if k in GRADS else v) for k, v in args.items()}

@@ -13,9 +13,10 @@ import re
 
 import pytest
 import torch
+import triton
 
 import kdc_kernels as K
-from kdc_kernels import _backend, _config, testing
+from kdc_kernels import _backend, _config, _launch, testing
 from kdc_kernels.nn import DynamicTemporalAttention
 from kdc_kernels.ops.windowed_attention import _triton as wa_triton
 from kdc_kernels.ops.windowed_attention import windowed_attention_ref
@@ -33,7 +34,7 @@ TARGETS = [CPU, *CUDA]
 @pytest.fixture(autouse=True)
 def _poisoned_buffers(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an element a kernel forgets fails."""
-    monkeypatch.setattr(wa_triton, "_POISON_OUTPUTS", True)
+    monkeypatch.setenv("KDC_POISON_OUTPUTS", "1")
 
 
 def _inputs(device, dtype, *, B, H, L, D, R=2, sigma=True, lengths="ragged", noncontiguous=False, seed=0,
@@ -91,6 +92,7 @@ CASES = {
     "L129-tiled-cutoff": dict(B=2, H=2, L=129, D=16, R=32, cutoff=3.0),
     "L129-tiled-wide-bias": dict(B=1, H=2, L=129, D=64, R=100, sigma=False, lengths=None),
     "L33-noncontiguous": dict(B=3, H=2, L=33, D=16, R=2, cutoff=2.0, noncontiguous=True),
+    "L100-one-query-block": dict(B=3, H=2, L=100, D=64, R=8),  # up to L = 128 a program owns the sequence
 }
 
 
@@ -108,11 +110,46 @@ def test_low_precision_inputs_on_interpreter(dtype):
 
 
 @_interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_bias_bin_summing_every_row_in_low_precision(dtype):
+    """With R = 0 the single bias bin sums dS over every (i, j) of a head, and sum_j dS[i, j] = 0
+    exactly. Delta computed from the stored fp16/bf16 output left each row's sum at the rounding
+    error of O (the GPU run saw 0.0184 > 0.01 in bf16, 0.0047 > 0.002 in fp16 at L5-R0-cutoff;
+    seeds 0-3 failed the same way here); the fused backward now takes Delta from its own tile."""
+    for seed in range(4):
+        _check_against_reference("cpu", dtype, CASES["L5-R0-cutoff"], seed=seed)
+
+
+@_interp
+@pytest.mark.parametrize("L", [33, 100, 128])
+def test_forward_reads_keys_and_values_once_up_to_128(L, monkeypatch):
+    """Up to L = 128 one forward program owns every query of its sequences, so each key/value
+    block of a sequence is loaded by one program, once (counted per program under the
+    interpreter). From L = 65 on the interpreter runs the GPU plan itself; the GPU plans at the
+    PRVR shapes (B = 256, D = 64 or 128) hold the whole sequence in one query block too."""
+    log = []
+    monkeypatch.setattr(_launch.hooks, "visit_log", log)
+    args = _inputs("cpu", torch.float32, B=3, H=2, L=L, D=64, R=4, lengths="full")
+    with torch.no_grad():
+        K.windowed_attention(**args, impl="triton")
+    (fwd,) = log
+    assert fwd["unwritten"] == 0
+    assert fwd["blocks_per_sequence"] == 1, f"{fwd['blocks_per_sequence']} programs read the keys of a sequence"
+    key_blocks = triton.cdiv(L, fwd["BN"])
+    assert fwd["max_per_program"] == key_blocks and fwd["visited"] == fwd["programs"] * key_blocks, fwd
+    if L > 64:
+        assert wa_triton._fwd_tiles(3, L, 64, interpret=True) == wa_triton._fwd_tiles(3, L, 64, interpret=False)
+    for D in (64, 128):
+        t = wa_triton._fwd_tiles(256, L, D, interpret=False)
+        assert triton.cdiv(L, t.BM) == 1 and t.G * t.BM >= 16, (L, D, t)
+
+
+@_interp
 @pytest.mark.parametrize("case", [dict(B=3, H=2, L=33, D=16, R=2, sigma=False),
                                   dict(B=1, H=1, L=129, D=16, R=32, cutoff=3.0)], ids=["fused", "tiled"])
 def test_native_fp16_dots_on_interpreter(case, monkeypatch):
     """The GPU's dtype path (fp16 tiles into the dots, P and dS rounded to fp16) on the interpreter."""
-    monkeypatch.setattr(wa_triton, "_NATIVE_DOTS", True)
+    monkeypatch.setattr(_launch.hooks, "native_dots", True)
     _check_against_reference("cpu", torch.float16, case, seed=5)
 
 
@@ -166,7 +203,7 @@ def test_cutoff_skips_key_blocks_and_scales_linearly(device, monkeypatch):
     counts = {}
     for L in (512, 1024):
         log = []
-        monkeypatch.setattr(wa_triton, "_VISIT_LOG", log)
+        monkeypatch.setattr(_launch.hooks, "visit_log", log)
         args = _long_case(L, device)
         dout = torch.randn_like(args["q"])
         out, grads = _run(args, "triton", dout, cutoff=3.0)
@@ -203,6 +240,57 @@ def test_short_sequences_are_packed():
             assert tiles.G * tiles.BM >= 16 and tiles.G * tiles.BN >= 16, (B, L, D, tiles)
 
 
+def test_ieee_fp32_takes_the_cuda_core_plans(monkeypatch):
+    """fp32 inputs with IEEE dots (the precision rule's default on a GPU) run their dots on the
+    CUDA cores: their plans have one pipeline stage and smaller tiles (scripts/kernel_report.py
+    proves they do not spill on sm_90), and up to L = 128 at D <= 128 the forward still reads K
+    and V once. TF32 and fp16/bf16 keep the tensor-core plans; the interpreter ignores the flag."""
+    rule = {"value": "ieee"}
+    monkeypatch.setattr(_config, "fp32_dot_precision", lambda device_type: rule["value"])
+    assert wa_triton._fma(torch.empty(1, device="meta"))
+    assert not wa_triton._fma(torch.empty(1, device="meta", dtype=torch.bfloat16))
+    rule["value"] = "tf32"
+    assert not wa_triton._fma(torch.empty(1, device="meta"))
+    for B, L, D in ((256, 32, 64), (256, 64, 64), (256, 100, 64), (256, 128, 64), (256, 128, 128),
+                    (256, 32, 128), (2, 4096, 64), (2, 33, 256)):
+        t = wa_triton._fwd_tiles(B, L, D, fma=True)
+        fused, tq, tkv = wa_triton._bwd_tiles(B, L, D, elem_bytes=4, fma=True)
+        for tiles in (t, tkv) + (() if fused else (tq,)):
+            assert all(s == 1 for _, s in tiles.warps_stages), (B, L, D, tiles)
+            assert tiles.G * tiles.BM >= 16 and tiles.G * tiles.BN >= 16, (B, L, D, tiles)
+        if L <= 128 and D <= 128:
+            assert triton.cdiv(L, t.BM) == 1, (B, L, D, t)
+        assert fused == (L <= 64 and D <= 64), (B, L, D)
+        assert wa_triton._fwd_tiles(B, L, D, interpret=True, fma=True) == wa_triton._fwd_tiles(B, L, D, interpret=True)
+        assert wa_triton._bwd_tiles(B, L, D, True, 4, fma=True) == wa_triton._bwd_tiles(B, L, D, True, 4)
+
+
+@pytest.mark.parametrize("device,dtype", TARGETS)
+@pytest.mark.parametrize("L", [37, 131], ids=["fused", "tiled"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
+def test_rows_holding_a_non_finite_key_pass_no_gradient(device, dtype, L):
+    """A valid key whose k or v holds NaN/inf poisons exactly the rows whose window holds it
+    (output NaN, lse +inf): whatever their dO, it reaches no gradient (bit for bit the gradients of
+    the same call with dO = 0 on those rows), in the fused and in the tiled backward."""
+    B, H, D, cutoff, j0 = 2, 2, 16, 2.0, 5
+    args = testing.attention_inputs(B, H, L, D, R=3, lengths="full", dtype=dtype, device=device, seed=31)
+    g = testing.make_generator(32)
+    args["sigma"] = (0.5 + 2.5 * torch.rand(B, H, L, generator=g)).to(device)
+    args["k"][0, :, j0, 0] = float("nan")
+    args["v"][0, :, j0, 1] = float("inf")
+    with torch.no_grad():
+        out = K.windowed_attention(**args, cutoff=cutoff, impl="triton")
+    poisoned = torch.isnan(out).any(-1)
+    touch = (torch.arange(L, device=device) - j0).abs()[None, :] <= cutoff * args["sigma"][0]
+    assert torch.equal(poisoned[0], touch) and not poisoned[1].any() and 0 < int(touch.sum()) < H * L // 4
+    dout = torch.randn(B, H, L, D, generator=g).to(device=device, dtype=dtype)
+    _, grads = _run(args, "triton", dout, cutoff=cutoff)
+    _, quiet = _run(args, "triton", dout.masked_fill(poisoned[..., None], 0.0), cutoff=cutoff)
+    for n, grad in grads.items():
+        assert torch.isfinite(grad).all(), f"d{n} is not finite"
+        assert torch.equal(grad, quiet[n]), f"d{n}: the dO of a poisoned row reached it"
+
+
 @pytest.mark.parametrize("device,dtype", TARGETS)
 @pytest.mark.parametrize("how", ["KDC_DETERMINISTIC", "torch"])
 def test_deterministic_gradients_are_bitwise_identical(device, dtype, how, monkeypatch):
@@ -222,8 +310,14 @@ def test_deterministic_gradients_are_bitwise_identical(device, dtype, how, monke
             assert torch.equal(first[1][n], second[1][n]), f"d{n} differs between two runs"
 
 
-def test_poison_hook_fills_buffers():
-    assert torch.isnan(wa_triton._new_empty((4, 3), torch.float32, torch.device("cpu"))).all()
+def test_poison_hook_fills_buffers(monkeypatch):
+    assert torch.isnan(_launch.new_buffer("x", (4, 3), torch.float32, torch.device("cpu"))).all()
+    assert (_launch.new_buffer("x", (4, 3), torch.int32, torch.device("cpu")) == -1).all()
+    monkeypatch.setenv("KDC_POISON_OUTPUTS", "0")
+    seen = []
+    monkeypatch.setattr(_launch.hooks, "on_alloc", lambda name, t: seen.append(name))
+    _launch.new_buffer("y", (2,), torch.float32, torch.device("cpu"))
+    assert seen == ["y"]
 
 
 # ------------------------------------------------------------------------- impl selection

@@ -21,11 +21,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WA = "kdc_kernels/ops/windowed_attention/_triton.py"
-MS = "kdc_kernels/ops/max_similarity/_triton.py"
+WA = "kdc_kernels/ops/windowed_attention/_triton_kernels.py"  # the kernels
+WL = "kdc_kernels/ops/windowed_attention/_triton.py"  # tile plans and launchers
+MS = "kdc_kernels/ops/max_similarity/_triton.py"  # forward kernel and launchers
+MB = "kdc_kernels/ops/max_similarity/_triton_bwd.py"  # backward kernel
+MT = "kdc_kernels/ops/max_similarity/_triton_topk.py"  # top-k kernels
 COMMON = ["tests/ops/test_triton_boundaries.py", "tests/ops/test_contract_v2.py"]
-TESTS = {WA: COMMON + ["tests/ops/test_windowed_attention_triton.py"],
-         MS: COMMON + ["tests/ops/test_max_similarity_triton.py"]}
+_WA_TESTS = COMMON + ["tests/ops/test_windowed_attention_triton.py"]
+_MS_TESTS = COMMON + ["tests/ops/test_max_similarity_triton.py"]
+TESTS = {WA: _WA_TESTS, WL: _WA_TESTS, MS: _MS_TESTS, MB: _MS_TESTS, MT: _MS_TESTS}
 
 # (file, old text, new text, what it breaks)
 MUTATIONS = [
@@ -45,9 +49,9 @@ MUTATIONS = [
      "padded keys attended"),
     (WA, "ok = ok & (s_i[:, None] == s_j[None, :])", "ok = ok",
      "packed sequences attend to each other"),
-    (WA, "sigma_max = sig.amax(-1).contiguous()", "sigma_max = sig.amin(-1).contiguous()",
+    (WL, "sigma_max = sig.amax(-1).contiguous()", "sigma_max = sig.amin(-1).contiguous()",
      "key-side skipping from the narrowest window"),
-    (WA, "sig = sig.masked_fill(torch.arange(L, device=dev) >= lengths[:, None, None], 0.0)", "sig = sig",
+    (WL, "sig = sig.masked_fill(torch.arange(L, device=dev) >= lengths[:, None, None], 0.0)", "sig = sig",
      "key-side skipping reads padded sigma"),
     (WA, "q = _load_rows(Q, _offsets(b_i, h, i, sq_b, sq_h, sq_l), row_ok,",
      "q = _load_rows(Q, _offsets(b_i, h, i, sq_b, sq_h, sq_l), row_in,", "padded query rows read"),
@@ -65,18 +69,21 @@ MUTATIONS = [
      "acc = tl.where((col_ok & (l <= n_valid))[None, :], acc, float(\"-inf\"))", "first padded clip scored"),
     (MS, "arg = tl.where(upd, a + l0, arg)", "arg = tl.where(upd, a, arg)", "argmax loses the chunk offset"),
     (MS, "upd = m > best", "upd = m >= best", "a later clip chunk wins a tie"),
-    (MS, "ok = ok & (s != float(\"-inf\"))", "ok = ok", "length-0 videos send gradient to dq"),
-    (MS, "acc = tl.where(hits[:, None] > 0, c_scale[:, None] * (acc - proj[:, None] * ct), 0.0)",
-     "acc = c_scale[:, None] * (acc - proj[:, None] * ct)", "unchosen (padded) clips get NaN gradient"),
-    (MS, "keys = tl.where((vv < Nv - v0)[None, :],", "keys = tl.where((vv <= Nv - v0)[None, :],",
+    (MB, "ok = ok & (s > float(\"-inf\"))", "ok = ok", "length-0 videos send gradient to dq"),
+    (MB, "hit = end & (hits > 0.0)", "hit = end", "unchosen (padded) clips get NaN gradient"),
+    (MT, "keys = tl.where((vv < Nv - v0)[None, :],", "keys = tl.where((vv <= Nv - v0)[None, :],",
      "top-k takes a video past the end (expected equivalent: it scores -inf and has the highest index)"),
     (WA, "    _store_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_in, dd, D,\n                tl.where(poison",
      "    _store_rows(OUT, _offsets(b_i, h, i, H * L * D, L * D, D), row_ok, dd, D,\n                tl.where(poison",
      "padded output rows left unwritten"),
-    (MS, "ok = r_ok[:, None] & (col < n_cols)[None, :]", "ok = r_ok[:, None] & (col <= n_cols)[None, :]",
+    (MT, "ok = r_ok[:, None] & (col < n_cols)[None, :]", "ok = r_ok[:, None] & (col <= n_cols)[None, :]",
      "top-k merge reads one score past the working block"),
     (WA, "k = _load_rows(K, _offsets(b_j, h, j, sk_b, sk_h, sk_l), col_ok,",
      "k = _load_rows(K, _offsets(b_j, h, j, sk_b, sk_h, sk_l), col_in,", "padded keys read (expected equivalent)"),
+    (MB, "g = tl.where(s > float(\"-inf\"), tl.load(g_ptr + n64 * s_gn + v064 * s_gv, mask=ok, other=0.0), 0.0)",
+     "g = tl.load(g_ptr + n64 * s_gn + v064 * s_gv, mask=ok, other=0.0)", "length-0 videos send gradient to dc"),
+    (WA, "    lse = tl.where(poisoned, float(\"inf\"), lse)\n", "",
+     "a poisoned row's lse is 0, not +inf (its dO reaches the gradients)"),
 ]
 
 
