@@ -376,6 +376,8 @@ def main(argv=None) -> int:
                         help="interpreter with CUDA torch, triton and pytest (default: this one)")
     parser.add_argument("--dry-run", action="store_true", help="fake stages, no GPU: checks the plumbing")
     parser.add_argument("--only", default=None, help="comma-separated stages to run (default: all)")
+    parser.add_argument("--limits", default=None, metavar="STAGE=S,...",
+                        help="override stage time limits, e.g. pytest-gpu=120,memcheck=60")
     parser.add_argument("--fake-stage", nargs=2, metavar=("NAME", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.fake_stage:
@@ -392,7 +394,16 @@ def main(argv=None) -> int:
     stages = (dry_stages if args.dry_run else real_stages)(args.python, work)
     if args.only:
         keep = set(args.only.split(","))
+        unknown = keep - {s.name for s in stages}
+        if unknown:
+            parser.error(f"--only: unknown stage(s) {sorted(unknown)}; stages: {[s.name for s in stages]}")
         stages = [s for s in stages if s.name in keep]
+    for item in filter(None, (args.limits or "").split(",")):
+        name, _, seconds = item.partition("=")
+        match = [s for s in stages if s.name == name]
+        if not match or not seconds.isdigit():
+            parser.error(f"--limits: expected STAGE=SECONDS with a stage of {[s.name for s in stages]}, got {item!r}")
+        match[0].limit_s = int(seconds)
     results: list[Result] = []
     interrupted = False
     try:
