@@ -49,8 +49,8 @@ GUARD_TESTS ?= tests/ops/test_max_similarity_reference.py tests/kdcnet/test_metr
 	tests/test_backend.py::test_reference_ignores_autocast \
 	tests/test_bench_max_similarity.py::test_competitors_compute_the_same_maths \
 	tests/kdcnet/test_distributed.py::test_sharded_evaluation_equals_one_process \
-	tests/ops/test_max_similarity_triton.py::test_exact_ties_go_to_the_lowest_clip \
-	tests/ops/test_max_similarity_triton.py::test_topk_exact_ties_go_to_the_lower_video
+	tests/ops/test_max_similarity_fast.py::test_exact_ties_go_to_the_lowest_clip \
+	tests/ops/test_max_similarity_fast.py::test_topk_exact_ties_go_to_the_lower_video
 
 .PHONY: install train test test-guard bench gpu-test gpu-suite clean
 

@@ -19,4 +19,5 @@ LIBASAN=$(${CC:-gcc} -print-file-name=libasan.so)
 LIBSTDCXX=$(${CXX:-g++} -print-file-name=libstdc++.so)
 SELECT=(-k "emulated and (sanitizer or window_edges or rounds)")
 for arg in "$@"; do [ "$arg" = "-k" ] && SELECT=(); done
-LD_PRELOAD="$LIBASAN $LIBSTDCXX" exec "$PY" -m pytest tests/ops/test_cuda_ops.py -q -p no:cacheprovider "${SELECT[@]}" "$@"
+LD_PRELOAD="$LIBASAN $LIBSTDCXX" exec "$PY" -m pytest tests/ops/test_cuda_ops.py tests/ops/test_windowed_attention_fast.py \
+  -q -p no:cacheprovider "${SELECT[@]}" "$@"

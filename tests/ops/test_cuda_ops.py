@@ -1,59 +1,39 @@
-"""The CUDA kernels (csrc/) against the reference: forward, every gradient, exact ties, ragged
-lengths, fp32 / fp16 / bf16, non-contiguous inputs, deterministic mode, NaN-poisoned outputs,
-opcheck and torch.compile.
+"""The CUDA kernels (csrc/) beyond what the per-op fast-path files check: the compiled bindings
+and their error paths, the kernels that run (tensor cores or not, ``KDC_CUDA_NO_TENSOR_CORES``),
+the top-k merge rounds and query chunks (``KDC_TOPK_ROUND_SPLITS``, ``KDC_TOPK_WORKSPACE_BYTES``),
+reads of views, the excluded-position rules at the CUDA tiles' edges, the fakes and the messages
+without the extension. The comparisons of the CUDA path with the reference (every case, dtype and
+gradient, ties, non-contiguous inputs, deterministic mode, opcheck, torch.compile) are in
+``test_windowed_attention_fast.py`` and ``test_max_similarity_fast.py``, in the run modes
+``cuda-emulated`` and ``cuda-gpu`` beside the Triton ones.
 
-Every test runs on two backends:
+Every test here runs in the two CUDA run modes of tests/ops/run_modes.py:
 
-* ``gpu`` (``@pytest.mark.gpu``): the compiled extension on a CUDA device, through the public API
-  with ``impl="cuda"``. Fails (not skips) when the extension is not loaded on a GPU machine.
-* ``emulated`` (``@pytest.mark.slow``): the same csrc/ kernels and bindings compiled for the CPU
-  on top of an emulated CUDA runtime (tests/cuda_emulation: fibers for threads, real barrier and
-  warp-shuffle semantics, NaN-filled shared memory, hardware launch limits), called through the
+* ``cuda-gpu`` (``@pytest.mark.gpu``): the compiled extension on a CUDA device, through the public
+  API with ``impl="cuda"``. Fails (not skips) when the extension is not loaded on a GPU machine.
+* ``cuda-emulated`` (``@pytest.mark.slow``): the same csrc/ kernels and bindings compiled for the
+  CPU on top of an emulated CUDA runtime (tests/cuda_emulation: fibers for threads, real barrier
+  and warp-shuffle semantics, NaN-filled shared memory, hardware launch limits), called through the
   ``_cuda.py`` wrappers on CPU tensors. It runs the CUDA path's logic everywhere; timing, memory
-  model and hardware arithmetic details are only exercised by ``gpu``.
+  model and hardware arithmetic details are only exercised by ``cuda-gpu``.
 
 Contract v2 (excluded means excluded): NaN / inf in padded positions, in keys and values beyond
 a query's cutoff window (the tile that holds them included), a sequence or video of length 0, a
 tiny sigma (1e-23) and empty inputs are tested through the ``_cuda.py`` wrappers directly, so they
 check the kernels whatever the public API accepts.
 
-Deliberate mutations of the tensor-core kernels, each applied alone, the emulated tests run with
-``-x`` (the first test that failed is named; the mutation was then reverted):
+Deliberate mutations of the tensor-core kernels, each applied alone to csrc/, the emulation
+rebuilt, and the emulated tests run with ``-x`` (the first test that failed is named; the
+mutation was then reverted). The campaign ran on this file alone, before its reference
+comparisons moved to the per-op files (issue 18); the tests it named that moved are given under
+their new names (``wa:`` = test_windowed_attention_fast.py, ``ms:`` = test_max_similarity_fast.py,
+``test_matches_reference[cuda-emulated-<case>-<dtype>]`` there: the same case, seed and dtype,
+checked by the op's one checker). The mutations marked ``*`` were re-run after the move, with
+``python -m pytest -x -q -p no:cacheprovider -m slow -k cuda-emulated
+tests/ops/test_windowed_attention_fast.py tests/ops/test_max_similarity_fast.py
+tests/ops/test_cuda_ops.py``, and the test named is the first that failed in that run:
 
-====  ======================================================================  =======================================================
-M1    fwd: per-warp window skipping drops the first tile a warp needs          test_windowed_attention_long_sequence_window[bf16]
-M2    fwd: block key range one key short (off-by-one tile edge)                test_windowed_attention_window_edges[w1-bf16]
-M3    K B-fragment: the two 8-column halves swapped (fragment layout)          test_windowed_attention_low_precision[block-fp16]
-M4    P as A operand: rows g / g+8 swapped in the second half (layout)         test_windowed_attention_low_precision[block-fp16]
-M5    non-finite V tile multiplied on tensor cores anyway (0 * NaN)            test_windowed_attention_beyond_cutoff_may_hold_nan[long-bf16]
-M6    fwd: cp.async.wait_group 2 instead of 1 (tile used before it lands)      test_windowed_attention_low_precision[block-fp16]
-M7    fwd: next K tile staged into the buffer in use                           test_windowed_attention_low_precision[3-blocks-fp16]
-M8    bwd (one kernel): delta not summed over the 4 lanes of a row             test_windowed_attention_low_precision[block-fp16]
-M9    bwd dkdv: query block skipped when its window ends at the key block      test_windowed_attention_window_edges[w1-bf16]
-M10   bwd dkdv: bias diagonals shifted by one                                  test_windowed_attention_low_precision[3-blocks-fp16]
-M11   bias table: the clamped end bin misses its last diagonal                 test_windowed_attention_window_edges[w64-bf16]
-M12   staging: one row past the length loaded (length mask)                    test_windowed_attention_low_precision[bias-only-bf16]
-M13   16-byte cp.async for D not a multiple of 8 (reads past D)                test_head_dim_slices_are_read_exactly[bf16]
-M14   max-sim: ties go to the last clip (>= instead of >)                      test_max_similarity_low_precision[L70-D48-fp16]
-M15   max-sim: one padded clip scored (off-by-one length mask)                 test_max_similarity_low_precision[L70-D48-fp16]
-M16   max-sim: quad reduction misses the lanes 2 apart                         test_max_similarity_low_precision[L70-D48-fp16]
-M17   max-sim: next clip tile staged into the buffer in use                    test_max_similarity_low_precision[L70-D48-fp16]
-M18   bwd dq: K tile with NaN multiplied on tensor cores (0 * NaN)             test_windowed_attention_beyond_cutoff_may_hold_nan[long-bf16]
-M19   top-k: scores written one video off in the split slab                    test_max_similarity_topk_low_precision[one-split-fp16]
-M20   bwd dq: delta summed over the quad one tile early                        test_windowed_attention_low_precision[3-blocks-fp16]
-M21   max-sim epilogue: accumulator element mapped to the wrong clip           test_max_similarity_low_precision[L70-D48-fp16]
-M22   fwd: output not rescaled when the running max grows                      test_windowed_attention_low_precision[3-blocks-fp16]
-M23   logit: 0 * inf on the diagonal for a tiny sigma                          test_windowed_attention_tiny_sigma[long-1e-23-fp32]
-M24   d sigma: 0 / 0 when sigma^3 underflows                                   test_windowed_attention_tiny_sigma[long-1e-23-fp32]
-M25   packing: L <= 20 put in 16-row slots (rows dropped)                      test_sanitizer_windowed_attention
-M26   max-sim: wait before committing the next tile's copies                   test_max_similarity_low_precision[L70-D48-fp16]
-M27   top-k: rows sorted as if 8 warps ran (half never written)                test_head_dim_slices_are_read_exactly[bf16]
-M28   bias partial tables indexed with R instead of min(R, L - 1)              test_windowed_attention_low_precision[R>L-bf16] (the
-                                                                               process aborts: heap overflow; scripts/emulated_sanitizer.sh)
-M29   keys step: a query's validity ignored                                    survived: equivalent (padded query rows are zero-filled,
-                                                                               so their P dO and dS Q terms are exactly 0)
-M30   bwd dkdv: the block's keys masked one short                              test_windowed_attention_low_precision[3-blocks-fp16]
-====  ======================================================================  =======================================================
+@@TABLE@@
 
 The tests named ``*sanitizer*`` are a small subset for ``compute-sanitizer --tool memcheck``:
 ``compute-sanitizer --tool memcheck python -m pytest -m gpu -k sanitizer tests/ops/test_cuda_ops.py``.
@@ -61,7 +41,6 @@ The tests named ``*sanitizer*`` are a small subset for ``compute-sanitizer --too
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -70,84 +49,26 @@ import torch
 
 import kdc_kernels as K
 from kdc_kernels import _ext, testing
-from kdc_kernels.ops.max_similarity import api as ms_api
-from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref
-from kdc_kernels.ops.windowed_attention import api as wa_api
-from kdc_kernels.ops.windowed_attention import windowed_attention_ref
 from kdc_kernels.ops.max_similarity import _cuda as ms_cuda
+from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref
 from kdc_kernels.ops.windowed_attention import _cuda as wa_cuda
+from kdc_kernels.ops.windowed_attention import windowed_attention_ref
+from tests.ops import run_modes
+from tests.ops import test_max_similarity_fast as ms_fast
+from tests.ops import test_windowed_attention_fast as wa_fast
 
 ATTN_GRADS = ("q", "k", "v", "rel_bias", "sigma")
-LOW = [torch.float16, torch.bfloat16]
 
 
 # --- backends ------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _build_emulation() -> str:
-    from tests.cuda_emulation.build import build
-
-    return build()
-
-
-def _emulation_tools_missing() -> str | None:
-    """Why the emulation cannot be built here (a missing build tool), or None."""
-    import shutil
-
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available():
-        return "the CUDA emulation is built with ninja, which is not installed (pip install ninja)"
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return "the CUDA emulation needs a C++ compiler (c++ / $CXX), none found"
-    return None
-
-
-class Backend:
-    """Runs the CUDA path: the public API with impl="cuda" on a GPU, the _cuda.py wrappers (after
-    the public API's own validation) on the emulated CPU backend."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.device = torch.device("cuda" if name == "gpu" else "cpu")
-        self.emulated = name == "emulated"
-
-    def windowed_attention(self, q, k, v, rel_bias=None, sigma=None, lengths=None, *, scale=None, cutoff=None):
-        if not self.emulated:
-            return K.windowed_attention(q, k, v, rel_bias, sigma, lengths, scale=scale, cutoff=cutoff, impl="cuda")
-        return wa_cuda.windowed_attention_cuda(**wa_api._validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff))
-
-    def max_similarity(self, queries, clips, lengths=None, *, normalize=True, return_index=False):
-        if not self.emulated:
-            return K.max_similarity(queries, clips, lengths, normalize=normalize, return_index=return_index,
-                                    impl="cuda")
-        case = ms_api._validate(queries, clips, lengths)
-        return ms_cuda.max_similarity_cuda(**case, normalize=normalize, return_index=return_index)
-
-    def max_similarity_topk(self, queries, clips, lengths=None, k=100, *, normalize=True):
-        if not self.emulated:
-            return K.max_similarity_topk(queries, clips, lengths, k, normalize=normalize, impl="cuda")
-        case = ms_api._validate(queries, clips, lengths)
-        return ms_cuda.max_similarity_topk_cuda(**case, k=k, normalize=normalize)
-
-
-@pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu),
-                                        pytest.param("emulated", marks=pytest.mark.slow)])
-def backend(request) -> Backend:
-    if request.param == "gpu":
-        loaded, why = _ext.status()
-        if not loaded:
-            pytest.fail(f"the CUDA extension is not loaded on this GPU machine: {why}")
-        missing = [op for op in _ext.CUDA_OPS if not _ext.has_op(op)]
-        if missing:
-            pytest.fail(f"the CUDA extension has no kernels for {missing}: rebuild it")
-    else:
-        missing = _emulation_tools_missing()
-        if missing:
-            pytest.skip(missing)
-        _build_emulation()  # any other build error fails the tests
-    return Backend(request.param)
+@pytest.fixture(scope="module", params=run_modes.CUDA_MODES)
+def backend(request) -> run_modes.RunMode:
+    """The CUDA path in its two run modes (tests/ops/run_modes.py): ``cuda-gpu`` (the public API
+    with impl="cuda") and ``cuda-emulated`` (the _cuda.py wrappers after the public API's own
+    validation, on the CPU emulation)."""
+    return run_modes.RunMode(request.param).prepare()
 
 
 @pytest.fixture(autouse=True)
@@ -176,119 +97,14 @@ def _leaves(args: dict, dtype=None) -> dict:
     return out
 
 
-def _attention_run(fn, args: dict, grad_out: torch.Tensor, **kw):
-    """Output and every gradient of ``fn(**args, **kw)``."""
-    x = _leaves(args)
-    out = fn(**x, **kw)
-    names = [n for n in ATTN_GRADS if x.get(n) is not None]
-    grads = torch.autograd.grad(out, [x[n] for n in names], grad_out.to(out.dtype))
-    return out, dict(zip(names, grads))
-
-
-def _check_attention_fp32(backend, args: dict, grad_out: torch.Tensor, **kw) -> None:
-    """Output and every gradient of the CUDA path against the reference, fp32 tolerance."""
-    out, grads = _attention_run(backend.windowed_attention, args, grad_out, **kw)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, **kw)
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(out, ref, tol, "out")
-    assert set(grads) == set(ref_grads)
-    for name in ref_grads:
-        testing.assert_close(grads[name], ref_grads[name], _scaled_tol(tol, ref_grads[name]), f"grad {name}")
-
-
-def _check_attention(backend, args: dict, grad_out: torch.Tensor, dtype=torch.float32, **kw) -> None:
-    """The CUDA path against the reference: fp32 tolerance for fp32, the contract's low-precision
-    rule (within 2x the reference's own error in that dtype, plus a small atol) for fp16 / bf16."""
-    if dtype == torch.float32:
-        _check_attention_fp32(backend, args, grad_out, **kw)
-        return
-    low = _leaves(args, dtype)
-    out, grads = _attention_run(backend.windowed_attention, low, grad_out, **kw)
-    ref_low, ref_low_grads = _attention_run(windowed_attention_ref, low, grad_out, **kw)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, **kw)
-    assert out.dtype == dtype
-    floor = testing.TOLERANCE[dtype]
-    testing.compare_low_precision(out, ref_low, ref, "out", atol=floor)
-    for name in ref_grads:
-        testing.compare_low_precision(grads[name], ref_low_grads[name], ref_grads[name], f"grad {name}",
-                                      atol=_scaled_tol(floor, ref_grads[name]))
-
 
 # --- windowed_attention --------------------------------------------------------------------------
-
-# (id, B, H, L, D, R, sigma, lengths, cutoff, scale): tiny, odd, exactly one block (64), one past a
-# block, several blocks, head dims on every tile size (32, 64, 128, 256 with 32-row blocks), R = 0
-# and R > L, with and without each optional input.
-ATTN_CASES = [
-    ("tiny", 1, 1, 1, 8, 2, True, None, None, None),
-    ("odd", 2, 3, 7, 5, 3, True, "ragged", None, None),
-    ("block", 2, 2, 64, 32, 4, True, "ragged", 2.0, None),
-    ("block+1", 2, 2, 65, 16, 1, True, "ragged", None, 0.7),
-    ("plain", 2, 2, 65, 20, None, False, None, None, None),
-    ("bias-only", 1, 2, 33, 64, 0, False, "full", None, None),
-    ("R>L", 2, 1, 9, 12, 20, True, "ragged", 1.5, None),
-    ("3-blocks", 1, 2, 130, 64, 5, True, "ragged", 1.0, None),
-    ("D=100", 1, 1, 70, 100, 3, True, "ragged", None, None),
-    ("D=256", 1, 1, 40, 256, 2, True, "ragged", 3.0, None),
-    ("D=130", 2, 1, 33, 130, 2, True, None, None, None),
-]
 
 
 def _attention_args(backend, B, H, L, D, R, sigma, lengths, *, dtype=torch.float32, noncontiguous=False, seed=0):
     return testing.attention_inputs(B, H, L, D, R=R, sigma=sigma, lengths=lengths, dtype=dtype,
                                     device=backend.device, noncontiguous=noncontiguous, seed=seed)
 
-
-@pytest.mark.parametrize("case", ATTN_CASES, ids=[c[0] for c in ATTN_CASES])
-def test_windowed_attention_fp32(backend, case):
-    _, B, H, L, D, R, sigma, lengths, cutoff, scale = case
-    args = _attention_args(backend, B, H, L, D, R, sigma, lengths, seed=L + D)
-    grad_out = torch.randn(B, H, L, D, device=backend.device)
-    _check_attention_fp32(backend, args, grad_out, cutoff=cutoff, scale=scale)
-
-
-# fp16 / bf16 run on tensor cores for D <= 128: packed short sequences (4 x 16 and 2 x 32 rows per
-# block), 64-row blocks with double-buffered key tiles, staging by cp.async (D a multiple of 8) or
-# element by element (odd D), and the fp32 SIMT kernels for D > 128.
-LOW_CASES = [("fp16", "block"), ("bf16", "block"), ("fp16", "3-blocks"), ("bf16", "3-blocks"), ("bf16", "tiny"),
-             ("fp16", "odd"), ("bf16", "odd"), ("bf16", "block+1"), ("bf16", "bias-only"), ("bf16", "R>L"),
-             ("bf16", "D=100"), ("bf16", "D=130"), ("bf16", "plain")]
-
-
-@pytest.mark.parametrize("dtype_name, case_id", LOW_CASES, ids=[f"{c}-{d}" for d, c in LOW_CASES])
-def test_windowed_attention_low_precision(backend, dtype_name, case_id):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
-    case = next(c for c in ATTN_CASES if c[0] == case_id)
-    _, B, H, L, D, R, sigma, lengths, cutoff, scale = case
-    args = _attention_args(backend, B, H, L, D, R, sigma, lengths, seed=3)
-    low = _leaves(args, dtype)
-    grad_out = torch.randn(B, H, L, D, device=backend.device)
-    out, grads = _attention_run(backend.windowed_attention, low, grad_out, cutoff=cutoff, scale=scale)
-    ref_low, ref_low_grads = _attention_run(windowed_attention_ref, low, grad_out, cutoff=cutoff, scale=scale)
-    ref, ref_grads = _attention_run(windowed_attention_ref, args, grad_out, cutoff=cutoff, scale=scale)
-    assert out.dtype == dtype and grads["q"].dtype == dtype
-    floor = testing.TOLERANCE[dtype]
-    testing.compare_low_precision(out, ref_low, ref, "out", atol=floor)
-    for name in ref_grads:
-        testing.compare_low_precision(grads[name], ref_low_grads[name], ref_grads[name], f"grad {name}",
-                                      atol=_scaled_tol(floor, ref_grads[name]))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_windowed_attention_noncontiguous(backend, dtype):
-    B, H, L, D = 2, 2, 40, 24
-    args = _attention_args(backend, B, H, L, D, 3, True, "ragged", noncontiguous=True, seed=5)
-    assert not args["q"].is_contiguous()
-    grad_out = torch.randn(B, H, D, L, device=backend.device).transpose(-1, -2)  # non-contiguous too
-    _check_attention(backend, args, grad_out, dtype, cutoff=2.5)
-    # A stride-0 gradient (the backward of out.sum()) is read correctly as well.
-    x, y, z = _leaves(args, dtype), _leaves(args, dtype), _leaves(args)
-    backend.windowed_attention(**x).sum().backward()
-    windowed_attention_ref(**y).sum().backward()
-    windowed_attention_ref(**z).sum().backward()
-    floor = testing.TOLERANCE[dtype]
-    testing.compare_low_precision(x["q"].grad.float(), y["q"].grad.float(), z["q"].grad, "grad q of out.sum()",
-                                  atol=_scaled_tol(floor, z["q"].grad))
 
 
 def _sliced(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -320,78 +136,6 @@ def test_head_dim_slices_are_read_exactly(backend, dtype):
         got, want = fn(**views, **kw), fn(**sim, **kw)
         for a, b in zip(got, want):
             assert torch.equal(a, b), fn.__name__
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_windowed_attention_long_sequence_window(backend, dtype):
-    """Key blocks outside the cutoff window are skipped; rows of very different widths share a block."""
-    L = 3000 if backend.name == "gpu" else 520
-    args = _attention_args(backend, 1, 2, L, 16, 4, True, "ragged", seed=11)
-    g = testing.make_generator(11)
-    sigma = 1.0 + 3.0 * torch.rand(1, 2, L, generator=g)
-    sigma[0, 1, 7] = 40.0  # one wide row widens its whole query block
-    args["sigma"] = sigma.to(backend.device)
-    args["lengths"] = torch.tensor([L - 3], device=backend.device)
-    grad_out = torch.randn(1, 2, L, 16, device=backend.device)
-    _check_attention(backend, args, grad_out, dtype, cutoff=3.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("L, sigma", [(130, 1.0), (129, 2.0), (200, 64.0), (200, 16.0)],
-                         ids=["w1", "w2", "w64", "w16"])
-def test_windowed_attention_window_edges(backend, L, sigma, dtype):
-    """cutoff * sigma an exact integer: windows end exactly on key-block boundaries (blocks of 64)
-    and on the 16-row boundaries of the tensor-core warps, where an off-by-one in the key range or
-    in the block / warp skipping would drop a key."""
-    args = _attention_args(backend, 1, 2, L, 16, 2, True, None, seed=L)
-    args["sigma"] = torch.full((1, 2, L), sigma, device=backend.device)
-    grad_out = torch.randn(1, 2, L, 16, device=backend.device)
-    _check_attention(backend, args, grad_out, dtype, cutoff=1.0)
-
-
-def test_windowed_attention_padded_rows(backend):
-    args = _attention_args(backend, 3, 2, 20, 8, 2, True, None, seed=12)
-    args["lengths"] = torch.tensor([20, 1, 7], device=backend.device)
-    x = _leaves(args)
-    out = backend.windowed_attention(**x, cutoff=0.8)
-    (out * torch.randn_like(out)).sum().backward()
-    assert torch.isfinite(out).all()
-    for b, n in enumerate(args["lengths"].tolist()):
-        assert torch.all(out[b, :, n:] == 0)
-        for name in ("q", "k", "v", "sigma"):
-            assert torch.all(x[name].grad[b, :, n:] == 0), name
-    assert torch.isfinite(x["rel_bias"].grad).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("L", [70, 30], ids=["long", "packed"])
-def test_windowed_attention_deterministic(backend, monkeypatch, L, dtype):
-    monkeypatch.setenv("KDC_DETERMINISTIC", "1")
-    args = _leaves(_attention_args(backend, 2, 2, L, 32, 6, True, "ragged", seed=13), dtype)
-    args = {n: (t.detach() if isinstance(t, torch.Tensor) else t) for n, t in args.items()}
-    grad_out = torch.randn(2, 2, L, 32, device=backend.device, dtype=dtype)
-    first = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.0)
-    second = _attention_run(backend.windowed_attention, args, grad_out, cutoff=2.0)
-    assert torch.equal(first[0], second[0])
-    for name in first[1]:
-        assert torch.equal(first[1][name], second[1][name]), f"grad {name} differs between runs"
-
-
-def test_windowed_attention_opcheck_and_compile(backend):
-    args = _attention_args(backend, 2, 2, 9, 8, 2, True, "ragged", seed=14)
-    x = _leaves(args)
-    torch.library.opcheck(torch.ops.kdc.cuda_windowed_attention_fwd.default,
-                          (x["q"], x["k"], x["v"], x["rel_bias"], x["sigma"], x["lengths"], 0.35, 1.5))
-    compiled = torch.compile(wa_cuda.windowed_attention_cuda, fullgraph=True,
-                             backend="aot_eager" if backend.emulated else "inductor")
-    out = compiled(**x, cutoff=1.5)
-    out.sum().backward()
-    y = _leaves(args)
-    ref = windowed_attention_ref(**y, cutoff=1.5)
-    ref.sum().backward()
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(out, ref, tol, "compiled out")
-    testing.assert_close(x["sigma"].grad, y["sigma"].grad, _scaled_tol(tol, y["sigma"].grad), "compiled grad sigma")
 
 
 def _bad_attention_calls(device) -> list[tuple[str, tuple, str]]:
@@ -478,20 +222,7 @@ def test_sanitizer_windowed_attention(backend):
         out.backward(torch.randn_like(out))
         assert torch.isfinite(out).all() and torch.isfinite(args["q"].grad).all()
 
-
 # --- max_similarity ------------------------------------------------------------------------------
-
-# (id, Nq, Nv, L, D, lengths): tiny, odd, the 32-clip tile (L <= 32), exactly one tile of queries
-# and clips (64), one past both, D beyond a few chunks, several video groups per query tile.
-MS_CASES = [
-    ("tiny", 1, 1, 1, 1, None),
-    ("odd", 5, 3, 7, 9, "ragged"),
-    ("L=32", 37, 9, 32, 40, "ragged"),
-    ("tile", 64, 4, 64, 32, "ragged"),
-    ("tile+1", 65, 5, 65, 33, "ragged"),
-    ("long-D", 3, 2, 130, 300, "full"),
-    ("many-videos", 20, 21, 5, 16, "ragged"),
-]
 
 
 def _similarity_args(backend, nq, nv, L, D, lengths, *, dtype=torch.float32, noncontiguous=False, seed=0):
@@ -505,124 +236,6 @@ def _similarity_args(backend, nq, nv, L, D, lengths, *, dtype=torch.float32, non
         args.update(queries=queries, clips=clips)
     return args
 
-
-def _similarity_run(fn, args: dict, grad: torch.Tensor, normalize: bool):
-    x = _leaves(args)
-    score, index = fn(**x, normalize=normalize, return_index=True)
-    gq, gc = torch.autograd.grad(score, [x["queries"], x["clips"]], grad)
-    return score, index, gq, gc
-
-
-def _reference_sims(args: dict, normalize: bool):
-    """(n, v, l) -> the reference's similarity, for the tie-aware index check."""
-    q, c = args["queries"].detach().double(), args["clips"].detach().double()
-    if normalize:
-        q = torch.nn.functional.normalize(q, dim=-1, eps=1e-12)
-        c = torch.nn.functional.normalize(c, dim=-1, eps=1e-12)
-    return lambda n, v, l: float(q[n] @ c[v, l])
-
-
-def _grads_at_index(args: dict, index: torch.Tensor, grad: torch.Tensor, normalize: bool):
-    """The contract's gradient, in fp64, for a given argmax: d score[n, v] reaches only q_n and
-    c_{v, index[n, v]} (through the normalisation). Independent of how near-ties were resolved."""
-    q = args["queries"].detach().double().requires_grad_(True)
-    c = args["clips"].detach().double().requires_grad_(True)
-    qn = torch.nn.functional.normalize(q, dim=-1, eps=1e-12) if normalize else q
-    cn = torch.nn.functional.normalize(c, dim=-1, eps=1e-12) if normalize else c
-    chosen = cn[torch.arange(c.shape[0], device=c.device)[None, :], index]  # [Nq, Nv, D]
-    score = torch.einsum("nd,nvd->nv", qn, chosen)
-    return torch.autograd.grad(score, [q, c], grad.double())
-
-
-@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
-@pytest.mark.parametrize("case", MS_CASES, ids=[c[0] for c in MS_CASES])
-def test_max_similarity_fp32(backend, case, normalize):
-    _, nq, nv, L, D, lengths = case
-    args = _similarity_args(backend, nq, nv, L, D, lengths, seed=nq + L)
-    grad = torch.randn(nq, nv, device=backend.device)
-    score, index, gq, gc = _similarity_run(backend.max_similarity, args, grad, normalize)
-    ref, ref_index, _, _ = _similarity_run(max_similarity_ref, args, grad, normalize)
-    tol = testing.TOLERANCE[torch.float32]
-    assert score.dtype == torch.float32 and index.dtype == torch.int64
-    testing.assert_close(score, ref, _scaled_tol(tol, ref), "score")
-    testing.assert_argmax_valid(index, ref_index, _reference_sims(args, normalize), args["clips"],
-                                _scaled_tol(tol, ref))
-    want_gq, want_gc = _grads_at_index(args, index, grad, normalize)
-    testing.assert_close(gq, want_gq, _scaled_tol(tol, want_gq), "grad queries")
-    testing.assert_close(gc, want_gc, _scaled_tol(tol, want_gc), "grad clips")
-
-
-# fp16 / bf16 max-sim on tensor cores: clip tiles of 64 (several per video) and of 32 (L <= 32 or
-# D > 256), 16-byte cp.async staging (D a multiple of 8, contiguous) or element by element.
-LOW_MS_CASES = [(65, 6, 70, 48, False), (33, 7, 20, 20, False), (20, 4, 130, 264, False), (40, 5, 40, 32, True)]
-
-
-@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", LOW_MS_CASES, ids=["L70-D48", "L20-D20", "L130-D264", "noncontiguous"])
-def test_max_similarity_low_precision(backend, dtype, case):
-    nq, nv, L, D, noncontiguous = case
-    args = _similarity_args(backend, nq, nv, L, D, "ragged", noncontiguous=noncontiguous, seed=21)
-    low = _leaves(args, dtype)
-    grad = torch.randn(nq, nv, device=backend.device)
-    score, index, gq, gc = _similarity_run(backend.max_similarity, low, grad, True)
-    ref_low, ref_low_index, _, _ = _similarity_run(max_similarity_ref, low, grad, True)
-    ref, _, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
-    assert score.dtype == torch.float32 and gq.dtype == dtype and gc.dtype == dtype
-    testing.compare_low_precision(score, ref_low, ref, "score", atol=1e-4)
-    # Same (low-precision) inputs, fp32 math on both sides: the argmax follows the same rule.
-    testing.assert_argmax_valid(index, ref_low_index, _reference_sims(low, True), low["clips"], 1e-5)
-    # fp32 accumulation, one rounding to the dtype at the end: within the dtype's tolerance.
-    want_gq, want_gc = _grads_at_index(low, index, grad, True)
-    floor = testing.TOLERANCE[dtype]
-    testing.assert_close(gq.float(), want_gq, _scaled_tol(floor, want_gq), "grad queries")
-    testing.assert_close(gc.float(), want_gc, _scaled_tol(floor, want_gc), "grad clips")
-
-
-def test_max_similarity_noncontiguous_and_zero_vectors(backend):
-    args = _similarity_args(backend, 33, 5, 20, 24, "ragged", noncontiguous=True, seed=22)
-    assert not args["clips"].is_contiguous()
-    with torch.no_grad():
-        args["queries"][3] = 0  # norm below eps: the clamped branch of the normalisation
-        args["clips"][2, 0] = 0
-    grad = torch.randn(5, 33, device=backend.device).t()  # non-contiguous gradient
-    score, index, gq, gc = _similarity_run(backend.max_similarity, args, grad, True)
-    ref, ref_index, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(score, ref, tol, "score")
-    testing.assert_argmax_valid(index, ref_index, _reference_sims(args, True), args["clips"], tol)
-    want_gq, want_gc = _grads_at_index(args, index, grad, True)
-    testing.assert_close(gq, want_gq, _scaled_tol(tol, want_gq), "grad queries")
-    testing.assert_close(gc, want_gc, _scaled_tol(tol, want_gc), "grad clips")
-
-
-def test_max_similarity_deterministic(backend, monkeypatch):
-    monkeypatch.setenv("KDC_DETERMINISTIC", "1")
-    args = _similarity_args(backend, 70, 12, 40, 32, "ragged", seed=23)
-    grad = torch.randn(70, 12, device=backend.device)
-    first = _similarity_run(backend.max_similarity, args, grad, True)
-    second = _similarity_run(backend.max_similarity, args, grad, True)
-    for a, b, name in zip(first, second, ("score", "index", "grad queries", "grad clips")):
-        assert torch.equal(a, b), f"{name} differs between runs"
-
-
-def test_max_similarity_opcheck_and_compile(backend):
-    args = _leaves(_similarity_args(backend, 9, 4, 6, 8, "ragged", seed=24))
-    for normalize in (True, False):
-        torch.library.opcheck(torch.ops.kdc.cuda_max_similarity_fwd.default,
-                              (args["queries"], args["clips"], args["lengths"], normalize))
-    torch.library.opcheck(torch.ops.kdc.cuda_max_similarity_topk.default,
-                          (args["queries"].detach(), args["clips"].detach(), args["lengths"], 3, True))
-    compiled = torch.compile(ms_cuda.max_similarity_cuda, fullgraph=True,
-                             backend="aot_eager" if backend.emulated else "inductor")
-    score = compiled(**args, normalize=True)
-    score.sum().backward()
-    ref_args = _leaves(args)
-    ref = max_similarity_ref(**ref_args, normalize=True)
-    ref.sum().backward()
-    tol = testing.TOLERANCE[torch.float32]
-    testing.assert_close(score, ref, tol, "compiled score")
-    testing.assert_close(args["clips"].grad, ref_args["clips"].grad, _scaled_tol(tol, ref_args["clips"].grad),
-                         "compiled grad clips")
 
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["public-op", "kernel-op"])
@@ -650,45 +263,7 @@ def test_sanitizer_max_similarity(backend):
         score.backward(torch.randn_like(score))
         assert torch.isfinite(score).all() and torch.isfinite(args["clips"].grad).all()
 
-
 # --- max_similarity_topk -------------------------------------------------------------------------
-
-# (id, Nq, Nv, L, D, k): k = 1, k = Nv, k > 128 over two video splits (256 videos each), an odd
-# clip count, k = Nv over two splits.
-TOPK_CASES = [
-    ("k=1", 3, 1, 1, 4, 1),
-    ("k=Nv", 7, 5, 9, 16, 5),
-    ("k>128", 33, 300, 6, 16, 130),
-    ("k=1-splits", 20, 300, 4, 8, 1),
-    ("L=33", 70, 40, 33, 24, 40),
-    ("k=Nv-splits", 5, 260, 3, 8, 260),
-]
-
-
-def _topk_check(backend, args: dict, k: int, normalize: bool, atol: float):
-    scores, videos = backend.max_similarity_topk(**args, k=k, normalize=normalize)
-    ref_scores, ref_videos = max_similarity_topk_ref(**args, k=k, normalize=normalize)
-    full = max_similarity_ref(args["queries"], args["clips"], args["lengths"], normalize=normalize)
-    clips, lengths = args["clips"], args["lengths"]
-
-    def same_video(a: int, b: int) -> bool:
-        same_length = lengths is None or int(lengths[a]) == int(lengths[b])
-        return same_length and torch.equal(clips[a], clips[b])
-
-    assert scores.dtype == torch.float32 and videos.dtype == torch.int64 and scores.shape == (args["queries"].shape[0], k)
-    testing.assert_topk_valid(scores, videos, ref_scores, ref_videos, full, same_video, atol)
-
-
-@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
-@pytest.mark.parametrize("case", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
-def test_max_similarity_topk(backend, case, normalize):
-    _, nq, nv, L, D, k = case
-    lengths = None if nv >= 256 else "ragged"  # video copies with equal lengths: exact top-k ties
-    args = _similarity_args(backend, nq, nv, L, D, lengths, seed=nv + k)
-    if nv >= 260:  # an identical pair across the two splits (one-hot clips: an exact tie in any order)
-        args["clips"][3] = testing.one_hot_valued(args["clips"][3])
-        args["clips"][257] = args["clips"][3]
-    _topk_check(backend, args, k, normalize, _scaled_tol(testing.TOLERANCE[torch.float32], args["queries"]))
 
 
 @pytest.mark.parametrize("round_splits, workspace", [(1, None), (2, None), (1, 4096)],
@@ -702,17 +277,8 @@ def test_max_similarity_topk_rounds_and_chunks(backend, monkeypatch, round_split
     args = _similarity_args(backend, 70, 530, 3, 8, None, seed=31)
     args["clips"][9] = testing.one_hot_valued(args["clips"][9])  # exact tie in any summation order
     args["clips"][520] = args["clips"][9]
-    _topk_check(backend, args, 50, True, testing.TOLERANCE[torch.float32])
+    ms_fast.check_topk(backend, args, 50, True)
 
-
-@pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(40, 50, 20, 32, 20), (70, 300, 70, 24, 130)], ids=["one-split", "three-splits"])
-def test_max_similarity_topk_low_precision(backend, dtype, shape):
-    nq, nv, L, D, k = shape
-    args = _leaves(_similarity_args(backend, nq, nv, L, D, "ragged", seed=32), dtype)
-    args = {n: (t.detach() if t is not None else None) for n, t in args.items()}
-    # Same low-precision inputs on both sides, fp32 math: only summation order differs.
-    _topk_check(backend, args, k, True, 1e-5)
 
 
 def test_sanitizer_topk(backend):
@@ -729,7 +295,7 @@ def _tensor_core_launches() -> int:
     """Kernels launched with 128-thread blocks so far on the emulation: the tensor-core kernels."""
     import ctypes
 
-    lib = ctypes.CDLL(_build_emulation())
+    lib = ctypes.CDLL(run_modes.build_emulation())
     lib.kdc_emu_launches.restype = ctypes.c_uint64
     lib.kdc_emu_launches.argtypes = [ctypes.c_uint]
     return int(lib.kdc_emu_launches(128))
@@ -781,16 +347,15 @@ def test_fallback_kernels_without_tensor_cores(backend, monkeypatch):
     SIMT attention and WMMA max-sim kernels still match the reference for bf16."""
     monkeypatch.setenv("KDC_CUDA_NO_TENSOR_CORES", "1")
     for L in (20, 70):
-        args = _attention_args(backend, 2, 2, L, 32, 3, True, "ragged", seed=L)
-        _check_attention(backend, args, torch.randn(2, 2, L, 32, device=backend.device), torch.bfloat16, cutoff=2.0)
-    args = _leaves(_similarity_args(backend, 33, 5, 40, 32, "ragged", seed=3), torch.bfloat16)
-    grad = torch.randn(33, 5, device=backend.device)
-    score, index, _, _ = _similarity_run(backend.max_similarity, args, grad, True)
-    ref, ref_index, _, _ = _similarity_run(max_similarity_ref, args, grad, True)
-    testing.assert_close(score, ref, 1e-5, "score")
-    testing.assert_argmax_valid(index, ref_index, _reference_sims(args, True), args["clips"], 1e-5)
-    detached = {n: (t.detach() if t is not None else None) for n, t in args.items()}
-    _topk_check(backend, detached, 3, True, 1e-5)
+        args = _attention_args(backend, 2, 2, L, 32, 3, True, "ragged", dtype=torch.bfloat16, seed=L)
+        dout = torch.randn(2, 2, L, 32, generator=testing.make_generator(L)).to(backend.device, torch.bfloat16)
+        wa_fast.check(backend, args, dout, cutoff=2.0)
+    case = ms_fast.Case("fallback", 33, 5, 40, 32, ties="argmax", seed=3)
+    args, args32 = case.inputs(backend.device, torch.bfloat16)
+    ms_fast.check(backend, args, args32, True, case.grad(backend.device))
+    score = backend.max_similarity(**args)
+    testing.assert_close(score, max_similarity_ref(**ms_fast._fp32(args)), 1e-5, "score (fp32 math on the same inputs)")
+    ms_fast.check_topk(backend, args, 3, True)
 
 
 # --- contract v2: excluded means excluded, lengths 0, tiny sigma, empty inputs -------------------

@@ -218,6 +218,13 @@ def grads_at_index(args: dict, index: torch.Tensor, grad: torch.Tensor, normaliz
     return torch.autograd.grad(torch.einsum("nd,nvd->nv", qn, chosen), [q, c], grad.double())
 
 
+def _grad_floor(mode: run_modes.RunMode, dtype: torch.dtype) -> float:
+    """Gradients: fp32 sums (TF32 dots on a GPU where allowed) or one rounding to fp16 / bf16."""
+    if dtype == torch.float32:
+        return testing.TF32_TOLERANCE if mode.tf32 else FP32_TOL
+    return testing.TOLERANCE[dtype]
+
+
 def check(mode: run_modes.RunMode, args: dict, args32: dict, normalize: bool, grad: torch.Tensor) -> None:
     """Scores, indices and both gradients of ``mode`` against the reference (module docstring)."""
     dtype = args["queries"].dtype
@@ -231,13 +238,14 @@ def check(mode: run_modes.RunMode, args: dict, args32: dict, normalize: bool, gr
     if dtype == torch.float32:
         testing.check_fast_path(score, ref, tf32=mode.tf32, name="score")
     else:
-        testing.check_fast_path(score, max_similarity_ref(**args32, normalize=normalize), ref, dtype=dtype, name="score")
+        ref32 = max_similarity_ref(**args32, normalize=normalize)  # the values before rounding
+        testing.check_fast_path(score, ref32, ref, dtype=dtype, name="score")
         testing.assert_close(score, ref, 1e-4 * scale, "score (the same inputs, fp32 math on both sides)")
     tie_tol = (testing.TF32_TOLERANCE if mode.tf32 and dtype == torch.float32 else 1e-5) * scale
     testing.assert_argmax_valid(index, ref_index, _sims(same, normalize), same["clips"], tie_tol)
     gq, gc = torch.autograd.grad(score, [x["queries"], x["clips"]], grad)
     assert gq.dtype == gc.dtype == dtype
-    floor = (testing.TF32_TOLERANCE if mode.tf32 else FP32_TOL) if dtype == torch.float32 else testing.TOLERANCE[dtype]
+    floor = _grad_floor(mode, dtype)
     for got, want, name in zip((gq, gc), grads_at_index(same, index, grad, normalize), ("d queries", "d clips")):
         testing.assert_close(got.float(), want, floor * _scale(want), name)
 
@@ -312,7 +320,7 @@ def test_gradient_of_one_input(mode, which):
         score, index = mode.max_similarity(**x, return_index=True)
         (got,) = torch.autograd.grad(score, [x[which]], grad)
         want = grads_at_index(same, index, grad, True)[0 if which == "queries" else 1]
-        floor = (testing.TF32_TOLERANCE if mode.tf32 else FP32_TOL) if dtype == torch.float32 else testing.TOLERANCE[dtype]
+        floor = _grad_floor(mode, dtype)
         assert got.dtype == dtype
         testing.assert_close(got.float(), want, floor * _scale(want), f"d {which}")
 
@@ -353,7 +361,8 @@ def test_topk_exact_ties_go_to_the_lower_video(mode):
         assert torch.equal(pos_22, pos_1 + 1), "an exact tie must list the lower video first"
 
 
-DETERMINISM = [Case("33x20x12x40", 33, 20, 12, 40, seed=11), Case("70x12x40x32", 70, 12, 40, 32, seed=23, **ARGMAX_TIES)]
+DETERMINISM = [Case("33x20x12x40", 33, 20, 12, 40, seed=11),
+               Case("70x12x40x32", 70, 12, 40, 32, seed=23, **ARGMAX_TIES)]
 
 
 @pytest.mark.parametrize("how", ["KDC_DETERMINISTIC", "torch.use_deterministic_algorithms"])
@@ -511,7 +520,8 @@ def test_topk_peak_memory_is_far_below_a_score_matrix(mode, k):
     scores, videos = K.max_similarity_topk(**args, k=k, impl="triton")
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < nq * nv * 4 / 4, f"peak extra memory {peak / 2**20:.1f} MiB vs [Nq, Nv] fp32 {nq * nv * 4 / 2**20:.1f} MiB"
+    assert peak < nq * nv * 4 / 4, \
+        f"peak extra memory {peak / 2**20:.1f} MiB vs [Nq, Nv] fp32 {nq * nv * 4 / 2**20:.1f} MiB"
     assert videos.shape == (nq, k)
 
 

@@ -99,7 +99,8 @@ class Case:
     def dout(self, shape, device, dtype) -> torch.Tensor:
         g = testing.make_generator(self.seed + 1)
         if self.layout == "ld":  # transposed in L and D
-            return torch.randn(*shape[:2], shape[3], shape[2], generator=g).to(device=device, dtype=dtype).transpose(-1, -2)
+            dout = torch.randn(*shape[:2], shape[3], shape[2], generator=g)
+            return dout.to(device=device, dtype=dtype).transpose(-1, -2)
         dout = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
         if self.layout == "bh":  # strided like a permuted view
             dout = dout.transpose(0, 1).contiguous().transpose(0, 1)

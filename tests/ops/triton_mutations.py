@@ -27,8 +27,8 @@ MS = "kdc_kernels/ops/max_similarity/_triton.py"  # forward kernel and launchers
 MB = "kdc_kernels/ops/max_similarity/_triton_bwd.py"  # backward kernel
 MT = "kdc_kernels/ops/max_similarity/_triton_topk.py"  # top-k kernels
 COMMON = ["tests/ops/test_triton_boundaries.py", "tests/ops/test_contract_v2.py"]
-_WA_TESTS = COMMON + ["tests/ops/test_windowed_attention_triton.py"]
-_MS_TESTS = COMMON + ["tests/ops/test_max_similarity_triton.py"]
+_WA_TESTS = COMMON + ["tests/ops/test_windowed_attention_fast.py"]
+_MS_TESTS = COMMON + ["tests/ops/test_max_similarity_fast.py"]
 TESTS = {WA: _WA_TESTS, WL: _WA_TESTS, MS: _MS_TESTS, MB: _MS_TESTS, MT: _MS_TESTS}
 
 # (file, old text, new text, what it breaks)
