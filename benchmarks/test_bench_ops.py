@@ -1,4 +1,5 @@
-"""Regression timing of every available impl of each op at the standard shapes (pytest-benchmark).
+"""Regression timing of every available impl of each op at the shared benchmark shapes
+(benchmarks/shapes.py; pytest-benchmark).
 
     pytest benchmarks/                                  # time everything that can run here
     pytest benchmarks/ --benchmark-autosave             # save a baseline under .benchmarks/
@@ -7,7 +8,11 @@
     pytest benchmarks/ --benchmark-disable              # smoke: run each case once, no timing
 
 Impls of one op at one shape share a benchmark group, so they print side by side. On CUDA every
-timed call ends with a synchronisation. The competitor comparisons (FlexAttention, SDPA,
+timed call ends with a synchronisation. Before it is timed, every case checks that the call it
+times matches the reference (fp32 on the same input values): the output and every gradient by the
+contract's rule, max-sim indices up to near-ties, top-k lists valid up to near-ties. So the smoke
+run (``--benchmark-disable``, what CI runs) is a test; there the Triton kernels also run on the CPU
+interpreter (checked once, never timed). The competitor comparisons (FlexAttention, SDPA,
 torch.compile, GEMM ceilings) with tables and plots are the bench_*.py scripts.
 """
 
@@ -17,31 +22,16 @@ import pytest
 import torch
 
 import kdc_kernels as K
+from benchmarks import shapes
 from kdc_kernels import _backend, testing
 
-# name -> (standard shape, small shape); the op contract's standard shapes.
-ATTENTION_SHAPES = {
-    "prvr-L128": (dict(B=256, H=8, L=128, D=64, cutoff=None), dict(B=8, H=4, L=64, D=32, cutoff=None)),
-    "prvr-L32": (dict(B=256, H=8, L=32, D=64, cutoff=None), dict(B=8, H=4, L=32, D=32, cutoff=None)),
-    "long-L16k-cutoff": (dict(B=1, H=8, L=16384, D=64, cutoff=3.0), dict(B=1, H=2, L=1024, D=32, cutoff=3.0)),
-}
-SIMILARITY_SHAPES = {
-    "train-640x128x128x384": (dict(nq=640, nv=128, L=128, D=384), dict(nq=64, nv=32, L=32, D=64)),
-}
-TOPK_SHAPES = {
-    "tvr-test": (dict(nq=10895, nv=2179, L=128, D=384, k=100), dict(nq=256, nv=512, L=32, D=64, k=100)),
-}
 IMPLS = ("reference", "triton", "cuda")
 
 
-def _pick(shapes, name, suite):
-    standard, small = shapes[name]
-    return standard if suite == "standard" else small
-
-
-def _skip_unless_runnable(op_name, package, impl, device, case):
-    if device.type == "cpu" and impl == "triton":
-        pytest.skip("Triton on CPU runs only under the interpreter: not a speed measurement")
+def _skip_unless_runnable(op_name, package, impl, device, case, benchmark):
+    if device.type == "cpu" and impl == "triton" and not benchmark.disabled:
+        pytest.skip("Triton on CPU runs only under the interpreter: not a speed measurement "
+                    "(the smoke run, --benchmark-disable, checks it)")
     reasons = _backend.why_not(op_name, package, impl, device, case)
     if reasons:
         pytest.skip("; ".join(reasons))
@@ -57,53 +47,107 @@ def _run(benchmark, fn, device):
     return benchmark.pedantic(call, rounds=5 if device.type == "cpu" else 20, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape_name", list(ATTENTION_SHAPES))
-def test_windowed_attention_fwd_bwd(benchmark, bench_device, bench_suite, shape_name, impl):
-    s = _pick(ATTENTION_SHAPES, shape_name, bench_suite)
-    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
-    sigma_max = 64.0 if s["cutoff"] else None
-    args = testing.attention_inputs(s["B"], s["H"], s["L"], s["D"], R=32, dtype=dtype, device=bench_device,
-                                    lengths="ragged", requires_grad=True, seed=0)
-    if sigma_max:
-        with torch.no_grad():
-            args["sigma"].clamp_(max=sigma_max)
-    case = dict(args, scale=None, cutoff=s["cutoff"])
-    _skip_unless_runnable("windowed_attention", "kdc_kernels.ops.windowed_attention", impl, bench_device, case)
-    benchmark.group = f"windowed_attention fwd+bwd {shape_name}"
-    grad = torch.randn_like(args["q"])
+def _dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _fp32(args: dict, names) -> dict:
+    """The same values in fp32, detached (the reference's inputs)."""
+    return {n: (t.detach().float() if n in names else (t.detach() if isinstance(t, torch.Tensor) else t))
+            for n, t in args.items()}
+
+
+def _result(fn, args: dict, grad_names, dout):
+    """Output and gradients of ``fn(**args)`` on fresh leaves."""
+    x = {n: (t.detach().clone().requires_grad_(True) if n in grad_names and t is not None else t)
+         for n, t in args.items()}
+    out = fn(**x)
+    wrt = [n for n in grad_names if x.get(n) is not None]
+    return out, dict(zip(wrt, torch.autograd.grad(out, [x[n] for n in wrt], dout)))
+
+
+# ------------------------------------------------------------------------- windowed_attention
+def _check_attention(impl, args, s, dout, dtype, tf32):
+    def op(impl):
+        return lambda **x: K.windowed_attention(**x, cutoff=s.cutoff, impl=impl)
+
+    out, grads = _result(op(impl), args, shapes.GRAD_NAMES, dout)
+    ref, ref_grads = _result(op("reference"), _fp32(args, ("q", "k", "v")), shapes.GRAD_NAMES, dout.float())
+    low, low_grads = (None, {}) if dtype == torch.float32 else _result(op("reference"), args, shapes.GRAD_NAMES, dout)
+    testing.check_fast_path(out, ref, low, dtype=dtype, tf32=tf32, name=f"{impl} out")
+    for n, g in grads.items():
+        testing.check_fast_path(g, ref_grads[n], low_grads.get(n), dtype=dtype, tf32=tf32, name=f"{impl} d{n}")
+
+
+def test_windowed_attention_fwd_bwd(benchmark, bench_device, attention_shape, impl):
+    s = attention_shape
+    dtype = _dtype(bench_device)
+    args = s.inputs(dtype, bench_device)
+    case = dict(args, lengths=None, scale=None, cutoff=s.cutoff)
+    _skip_unless_runnable("windowed_attention", "kdc_kernels.ops.windowed_attention", impl, bench_device, case,
+                          benchmark)
+    benchmark.group = f"windowed_attention fwd+bwd {s.name}"
+    grad = torch.randn(args["q"].shape, generator=testing.make_generator(1)).to(bench_device, dtype)
+    _check_attention(impl, args, s, grad, dtype, impl == "triton" and testing.tf32_enabled(bench_device))
 
     def step():
-        out = K.windowed_attention(**args, cutoff=s["cutoff"], impl=impl)
+        out = K.windowed_attention(**args, cutoff=s.cutoff, impl=impl)
         out.backward(grad)
 
     _run(benchmark, step, bench_device)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape_name", list(SIMILARITY_SHAPES))
-def test_max_similarity_fwd_bwd(benchmark, bench_device, bench_suite, shape_name, impl):
-    s = _pick(SIMILARITY_SHAPES, shape_name, bench_suite)
-    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
-    args = testing.similarity_inputs(s["nq"], s["nv"], s["L"], s["D"], dtype=dtype, device=bench_device,
-                                     requires_grad=True, seed=0)
+# ----------------------------------------------------------------------------- max_similarity
+def _check_max_similarity(impl, args, s, grad, dtype, tf32):
+    x = {n: (t.detach().clone().requires_grad_(s.backward) if n in ("queries", "clips") else t)
+         for n, t in args.items()}
+    score, index = K.max_similarity(**x, return_index=True, impl=impl)
+    same = _fp32(args, ("queries", "clips"))
+    ref, ref_index = K.max_similarity(**same, return_index=True, impl="reference")
+    low = None if dtype == torch.float32 else ref  # the reference computes in fp32 on the same values
+    testing.check_fast_path(score, ref, low, dtype=dtype, tf32=tf32, name=f"{impl} score")
+    scale = max(1.0, float(ref.abs().max()))
+    testing.assert_argmax_valid(index, ref_index, testing.similarity_at(same["queries"], same["clips"]),
+                                same["clips"], (testing.TF32_TOLERANCE if tf32 else 1e-4) * scale, f"{impl} index")
+    if s.backward:
+        got = torch.autograd.grad(score, [x["queries"], x["clips"]], grad)
+        want = testing.max_similarity_grads_at(same["queries"], same["clips"], index, grad)
+        floor = testing.TOLERANCE[dtype] if dtype != torch.float32 else (testing.TF32_TOLERANCE if tf32 else 1e-4)
+        for g, w, name in zip(got, want, ("d queries", "d clips")):
+            testing.assert_close(g.float(), w, floor * max(1.0, float(w.abs().max())), f"{impl} {name}")
+
+
+def test_max_similarity(benchmark, bench_device, similarity_shape, impl):
+    s = similarity_shape
+    dtype = _dtype(bench_device)
+    args = s.inputs(dtype, bench_device, requires_grad=s.backward)
     _skip_unless_runnable("max_similarity", "kdc_kernels.ops.max_similarity", impl, bench_device,
-                          dict(args, normalize=True, return_index=False))
-    benchmark.group = f"max_similarity fwd+bwd {shape_name}"
+                          dict(args, normalize=True, return_index=False), benchmark)
+    benchmark.group = f"max_similarity {s.mode} {s.name}"
+    grad = torch.randn(s.nq, s.nv, generator=testing.make_generator(2)).to(bench_device)
+    tf32 = impl == "triton" and testing.tf32_enabled(bench_device)
+    _check_max_similarity(impl, args, s, grad, dtype, tf32)
 
     def step():
-        K.max_similarity(**args, impl=impl).sum().backward()
+        if s.backward:
+            K.max_similarity(**args, impl=impl).backward(grad)
+        else:
+            with torch.no_grad():
+                K.max_similarity(**args, impl=impl)
 
     _run(benchmark, step, bench_device)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape_name", list(TOPK_SHAPES))
-def test_max_similarity_topk(benchmark, bench_device, bench_suite, shape_name, impl):
-    s = _pick(TOPK_SHAPES, shape_name, bench_suite)
-    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
-    args = testing.similarity_inputs(s["nq"], s["nv"], s["L"], s["D"], dtype=dtype, device=bench_device, seed=0)
+def test_max_similarity_topk(benchmark, bench_device, topk_shape, impl):
+    s = topk_shape
+    dtype = _dtype(bench_device)
+    args = s.inputs(dtype, bench_device)
     _skip_unless_runnable("max_similarity_topk", "kdc_kernels.ops.max_similarity", impl, bench_device,
-                          dict(args, k=s["k"], normalize=True))
-    benchmark.group = f"max_similarity_topk {shape_name}"
-    _run(benchmark, lambda: K.max_similarity_topk(**args, k=s["k"], impl=impl), bench_device)
+                          dict(args, k=s.k, normalize=True), benchmark)
+    benchmark.group = f"max_similarity_topk {s.name}"
+    scores, videos = K.max_similarity_topk(**args, k=s.k, impl=impl)
+    full = K.max_similarity(**_fp32(args, ("queries", "clips")), impl="reference")
+    tol = testing.TF32_TOLERANCE if impl == "triton" and testing.tf32_enabled(bench_device) else 1e-4
+    assert scores.dtype == torch.float32 and videos.shape == (s.nq, s.k)
+    testing.assert_topk_equivalent(scores, videos, full, tol * max(1.0, float(full.abs().max())), f"{impl} top-k")
+    _run(benchmark, lambda: K.max_similarity_topk(**args, k=s.k, impl=impl), bench_device)

@@ -314,3 +314,26 @@ def assert_topk_valid(scores: torch.Tensor, videos: torch.Tensor, ref_scores: to
                 raise AssertionError(f"videos[{n}, {t}] = {got}, reference {want}: identical videos tie; the lower must come first")
             if abs(float(full_scores[n, got]) - float(full_scores[n, want])) > atol:
                 raise AssertionError(f"videos[{n}, {t}] = {got}, reference {want}: not a near-tie")
+
+
+def similarity_at(queries: torch.Tensor, clips: torch.Tensor, normalize: bool = True):
+    """``sims_at(n, v, l)``: the similarity of query n and clip l of video v in fp64 (normalised
+    with the reference's eps when ``normalize``), for :func:`assert_argmax_valid`."""
+    q, c = queries.detach().double(), clips.detach().double()
+    if normalize:
+        q, c = torch.nn.functional.normalize(q, dim=-1, eps=1e-12), torch.nn.functional.normalize(c, dim=-1, eps=1e-12)
+    return lambda n, v, l: float(q[n] @ c[v, l])
+
+
+def max_similarity_grads_at(queries: torch.Tensor, clips: torch.Tensor, index: torch.Tensor, grad: torch.Tensor,
+                            normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d queries, d clips)`` of ``max_similarity`` in fp64 for a given argmax ``index [Nq, Nv]``:
+    ``d score[n, v]`` reaches only ``q_n`` and ``c_{v, index[n, v]}`` (through the normalisation).
+    The contract's gradient at a fast path's own argmax, so a check does not depend on which way a
+    near-tie went (at the reference's argmax it is the reference's backward)."""
+    q = queries.detach().double().requires_grad_(True)
+    c = clips.detach().double().requires_grad_(True)
+    qn = torch.nn.functional.normalize(q, dim=-1, eps=1e-12) if normalize else q
+    cn = torch.nn.functional.normalize(c, dim=-1, eps=1e-12) if normalize else c
+    chosen = cn[torch.arange(c.shape[0], device=c.device)[None, :], index]  # [Nq, Nv, D]
+    return torch.autograd.grad(torch.einsum("nd,nvd->nv", qn, chosen), [q, c], grad.double())

@@ -201,21 +201,12 @@ def _scale(t: torch.Tensor) -> float:
 
 def _sims(args: dict, normalize: bool):
     """(n, v, l) -> the similarity in fp64, for the tie-aware index check."""
-    q, c = args["queries"].detach().double(), args["clips"].detach().double()
-    if normalize:
-        q, c = torch.nn.functional.normalize(q, dim=-1, eps=1e-12), torch.nn.functional.normalize(c, dim=-1, eps=1e-12)
-    return lambda n, v, l: float(q[n] @ c[v, l])
+    return testing.similarity_at(args["queries"], args["clips"], normalize)
 
 
 def grads_at_index(args: dict, index: torch.Tensor, grad: torch.Tensor, normalize: bool):
-    """The contract's gradient in fp64 for a given argmax: d score[n, v] reaches only q_n and
-    c_{v, index[n, v]} (through the normalisation). Independent of how near-ties were resolved."""
-    q = args["queries"].detach().double().requires_grad_(True)
-    c = args["clips"].detach().double().requires_grad_(True)
-    qn = torch.nn.functional.normalize(q, dim=-1, eps=1e-12) if normalize else q
-    cn = torch.nn.functional.normalize(c, dim=-1, eps=1e-12) if normalize else c
-    chosen = cn[torch.arange(c.shape[0], device=c.device)[None, :], index]  # [Nq, Nv, D]
-    return torch.autograd.grad(torch.einsum("nd,nvd->nv", qn, chosen), [q, c], grad.double())
+    """The contract's gradient in fp64 at a given argmax (testing.max_similarity_grads_at)."""
+    return testing.max_similarity_grads_at(args["queries"], args["clips"], index, grad, normalize)
 
 
 def _grad_floor(mode: run_modes.RunMode, dtype: torch.dtype) -> float:
