@@ -8,7 +8,8 @@ Impls: ``cuda`` (bf16 / fp16 on the tensor-core kernels), ``cuda-simt`` (the sam
 ``KDC_CUDA_NO_TENSOR_CORES=1``: the fp32 SIMT / WMMA kernels the tensor-core ones replaced),
 ``triton``, ``reference``. ``cuda`` is measured first in every case, so each row carries its ratio
 to it (``vs_cuda`` > 1: slower than the CUDA kernels) and the largest difference of its forward
-output from the CUDA path's (a sanity check next to the timing, not a test).
+output from the CUDA path's (a sanity check next to the timing, not a test). The shapes are the
+ones every benchmark harness shares (benchmarks/shapes.py): ``--quick`` takes its quick tier.
 
 Every row is printed as a JSON line (``ROW {...}``) the moment it is measured, so a run cut by a
 time limit keeps what it measured; the case's table follows its rows. ``--budget`` stops starting
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kdc_kernels as K  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks import shapes as shape_sets  # noqa: E402
 from kdc_kernels import _backend, testing  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -44,27 +46,22 @@ COLUMNS = ["case", "impl", "dtype", "ms", "vs_cuda", "tflops", "max_diff_vs_cuda
 
 
 def cases(quick: bool, on_gpu: bool) -> list[dict]:
-    """The contract's target shapes (smaller with --quick; tiny without a GPU)."""
-    s = 1 if on_gpu else 0
-    B = (64 if quick else 256) if s else 2
-    long_L = (8192 if quick else 16384) if s else 256
+    """The shared shapes (benchmarks/shapes.py): every one, or the --quick tier, on a GPU; their CPU
+    smoke sizes without one (the case names keep the GPU shapes' L)."""
+    tier = ("quick" if quick else "full") if on_gpu else "smoke"
+    attn = {s.name: s for s in shape_sets.attention_shapes(tier)}
+    sim = {s.name: s for s in shape_sets.similarity_shapes(tier)}
+    gpu_L = {s.name: s.L for s in shape_sets.ATTENTION}
+    longest = max((n for n, s in attn.items() if s.suite == "long"), key=lambda n: gpu_L[n])
     return [
-        dict(name="attn L=128 fwd+bwd", op="windowed_attention", backward=True,
-             shape=dict(B=B, H=8 if s else 2, L=128 if s else 16, D=64 if s else 8, R=16, cutoff=None)),
-        dict(name="attn L=32 fwd+bwd", op="windowed_attention", backward=True,
-             shape=dict(B=B, H=8 if s else 2, L=32 if s else 8, D=64 if s else 8, R=8, cutoff=None)),
-        dict(name="attn L=128 fwd", op="windowed_attention", backward=False,
-             shape=dict(B=B, H=8 if s else 2, L=128 if s else 16, D=64 if s else 8, R=16, cutoff=None)),
-        dict(name=f"attn L={long_L} cutoff=3 fwd+bwd", op="windowed_attention", backward=True,
-             shape=dict(B=1, H=8 if s else 1, L=long_L, D=64 if s else 8, R=16, cutoff=3.0, max_sigma=64.0)),
-        dict(name="maxsim train fwd+bwd", op="max_similarity", backward=True,
-             shape=dict(nq=640 if s else 8, nv=128 if s else 4, L=128 if s else 8, D=384 if s else 16)),
-        dict(name="maxsim eval fwd", op="max_similarity", backward=False,
-             shape=dict(nq=(2048 if quick else 10895) if s else 8, nv=2179 if s else 30, L=128 if s else 8,
-                        D=384 if s else 16)),
-        dict(name="topk TVR k=100", op="max_similarity_topk", backward=False,
-             shape=dict(nq=(2048 if quick else 10895) if s else 8, nv=2179 if s else 30, L=128 if s else 8,
-                        D=384 if s else 16, k=100 if s else 5)),
+        dict(name="attn L=128 fwd+bwd", op="windowed_attention", backward=True, shape=attn["prvr-L128"]),
+        dict(name="attn L=32 fwd+bwd", op="windowed_attention", backward=True, shape=attn["prvr-L32"]),
+        dict(name="attn L=128 fwd", op="windowed_attention", backward=False, shape=attn["prvr-L128"]),
+        dict(name=f"attn L={gpu_L[longest]} cutoff=3 fwd+bwd", op="windowed_attention", backward=True,
+             shape=attn[longest]),
+        dict(name="maxsim train fwd+bwd", op="max_similarity", backward=True, shape=sim["train"]),
+        dict(name="maxsim eval fwd", op="max_similarity", backward=False, shape=sim["tvr-scores"]),
+        dict(name="topk TVR k=100", op="max_similarity_topk", backward=False, shape=sim["tvr-topk"]),
     ]
 
 
@@ -72,26 +69,19 @@ def flops(case: dict) -> float:
     """Matmul FLOPs of one call (the GEMM-shaped work; masks and window skipping not counted)."""
     sh = case["shape"]
     if case["op"] == "windowed_attention":
-        fwd = 4.0 * sh["B"] * sh["H"] * sh["L"] * sh["L"] * sh["D"]  # S = QK^T and PV
+        fwd = 4.0 * sh.B * sh.H * sh.L * sh.L * sh.D  # S = QK^T and PV
         return fwd * (3.5 if case["backward"] else 1.0)  # backward: recompute S, dP, dV, dK, dQ
-    fwd = 2.0 * sh["nq"] * sh["nv"] * sh["L"] * sh["D"]
-    return fwd * (1.0 if not case["backward"] else 1.0 + 2.0 / sh["L"])
+    fwd = 2.0 * sh.nq * sh.nv * sh.L * sh.D
+    return fwd * (1.0 if not case["backward"] else 1.0 + 2.0 / sh.L)
 
 
 def make_inputs(case: dict, dtype, device, seed: int) -> dict:
     sh = case["shape"]
     if case["op"] == "windowed_attention":
-        args = testing.attention_inputs(sh["B"], sh["H"], sh["L"], sh["D"], R=sh["R"], lengths="ragged", dtype=dtype,
-                                        device=device, seed=seed)
-        if "max_sigma" in sh:  # narrow windows: sigma in [1, max_sigma]
-            g = testing.make_generator(seed)
-            args["sigma"] = (1 + (sh["max_sigma"] - 1) * torch.rand(sh["B"], sh["H"], sh["L"], generator=g)).to(device)
-        args["cutoff"] = sh["cutoff"]
-        return args
-    args = testing.similarity_inputs(sh["nq"], sh["nv"], sh["L"], sh["D"], lengths="ragged", dtype=dtype,
-                                     device=device, seed=seed)
+        return dict(sh.inputs(dtype, device, seed, requires_grad=False), cutoff=sh.cutoff)
+    args = sh.inputs(dtype, device, seed)
     if case["op"] == "max_similarity_topk":
-        args["k"] = sh["k"]
+        args["k"] = sh.k
     return args
 
 

@@ -12,7 +12,8 @@ Competitors:
   gemm-bf16            a bare bf16 GEMM to [Nq, Nv*L] (over chunks of videos when that does not
                        fit): the ceiling of a fused epilogue
 
-Scenarios (the op contract's speed targets):
+Scenarios (the op contract's speed targets; benchmarks/shapes.py, the shapes every benchmark
+harness shares):
   train        max_similarity fwd+bwd at training shapes, Nq=640, Nv=128, L=128, D=384
   tvr-scores   max_similarity forward at the TVR test set, Nq=10,895, Nv=2,179, L=128, D=384
   tvr-topk     max_similarity_topk (k=100) at the TVR test set
@@ -46,7 +47,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +59,7 @@ if not torch.cuda.is_available():  # the Triton kernels can only run on the inte
 
 import kdc_kernels as K  # noqa: E402
 from benchmarks import common, roofline  # noqa: E402
+from benchmarks import shapes as shape_sets  # noqa: E402
 from kdc_kernels import _config, testing  # noqa: E402
 from kdc_kernels.ops.max_similarity import max_similarity_ref, max_similarity_topk_ref  # noqa: E402
 
@@ -67,51 +68,16 @@ OURS = "triton"
 CHUNK_ELEMS = 2**30
 
 
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    nq: int
-    nv: int
-    L: int
-    D: int
-    k: int | None  # None: max_similarity (scores); else max_similarity_topk
-    backward: bool = False
-
-    @property
-    def label(self) -> str:
-        k = f" k={self.k}" if self.k else ""
-        return f"{self.name}: Nq={self.nq} Nv={self.nv} L={self.L} D={self.D}{k}"
-
-    @property
-    def mode(self) -> str:
-        return "fwd+bwd" if self.backward else "fwd"
-
-    @property
-    def tflop(self) -> float:
-        """Dense-equivalent work in TFLOP: the [Nq, Nv*L] GEMM (x3 with its two gradient GEMMs)."""
-        return (3 if self.backward else 1) * 2 * self.nq * self.nv * self.L * self.D / 1e12
-
-
-SCENARIOS = {
-    "train": Scenario("train", 640, 128, 128, 384, None, backward=True),
-    "tvr-scores": Scenario("tvr-scores", 10_895, 2_179, 128, 384, None),
-    "tvr-topk": Scenario("tvr-topk", 10_895, 2_179, 128, 384, 100),
-    "corpus-topk": Scenario("corpus-topk", 10_000, 100_000, 32, 512, 100),
-}
-SMOKE = {  # CPU: toy sizes (the topk ones take the register and the chunked top-k paths)
-    "train": Scenario("train", 24, 10, 8, 32, None, backward=True),
-    "tvr-scores": Scenario("tvr-scores", 24, 20, 8, 32, None),
-    "tvr-topk": Scenario("tvr-topk", 24, 20, 8, 32, 5),
-    "corpus-topk": Scenario("corpus-topk", 12, 300, 2, 16, 130),
-}
+Scenario = shape_sets.SimilarityShape
+SCENARIOS = {s.name: s for s in shape_sets.similarity_shapes("full")}
+SMOKE = {s.name: s for s in shape_sets.similarity_shapes("smoke")}  # CPU: the same scenarios at toy sizes
 
 
 def make_inputs(s: Scenario, device: torch.device, seed: int) -> dict:
     """fp32 and bf16 copies of the same queries [Nq, D] and clips [Nv, L, D], ragged lengths."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(s.nq, s.D, device=device, generator=g)
-    c = torch.randn(s.nv, s.L, s.D, device=device, generator=g)
-    lengths = testing.ragged_lengths(s.nv, s.L, seed, device)
+    x32 = s.inputs(torch.float32, device, seed)
+    q, c, lengths = x32["queries"], x32["clips"], x32["lengths"]
+    g = torch.Generator(device=device).manual_seed(seed + 1)
     x = dict(lengths=lengths, valid=torch.arange(s.L, device=device)[None] < lengths[:, None],
              fp32=(q, c), bf16=(q.bfloat16(), c.bfloat16()))
     if s.backward:  # upstream gradients: of the scores, and of the GEMM ceiling's [Nq, Nv*L] output
@@ -312,7 +278,7 @@ def main(argv=None) -> Path:
     args.warmup = args.warmup if args.warmup is not None else (1 if not on_gpu else 2 if args.quick else 5)
     args.max_seconds = 10.0 if on_gpu else 5.0
     table = SCENARIOS if on_gpu else SMOKE
-    names = args.scenarios.split(",") if args.scenarios else [n for n in table if not (args.quick and n == "corpus-topk")]
+    names = args.scenarios.split(",") if args.scenarios else [n for n in table if table[n].quick or not args.quick]
     unknown = [n for n in names if n not in table]
     if unknown:
         parser.error(f"unknown scenario(s) {unknown}; choose from {list(table)}")

@@ -10,8 +10,9 @@ Competitors:
   sdpa-rank2        SDPA with the rank-2 Gaussian trick (two extra q/k columns). It cannot express
                     the bias table or the cutoff: cheaper maths than the others, shown as a floor.
 
-Suites: PRVR training shapes (B=256, H=8, D=64, L=32/64/128, R=32, adaptive sigma) and long videos
-with a cutoff (B=2, H=8, D=64, L=2k..16k, sigma <= 64, cutoff=3), each in fwd, bwd and fwd+bwd.
+Suites (benchmarks/shapes.py, the shapes every benchmark harness shares): PRVR training shapes
+(B=256, H=8, D=64, L=32/64/128, R=32, adaptive sigma) and long videos with a cutoff (B=2, H=8,
+D=64, L=2k..16k, sigma <= 64, cutoff=3), each in fwd, bwd and fwd+bwd.
 Timing (benchmarks/common.py): per call, Python dispatch included (``ms``: CUDA events after
 warm-up, median of >= 20 runs, rotating through several input sets), and kernel only
 (``kernel_ms``: CUDA-graph replay), beside the roofline floor of the shape (``floor_ms``, from
@@ -37,10 +38,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,51 +52,25 @@ if not torch.cuda.is_available():  # the Triton kernels can only run on the inte
 
 import kdc_kernels as K  # noqa: E402
 from benchmarks import common, roofline  # noqa: E402
+from benchmarks import shapes as shape_sets  # noqa: E402
 from kdc_kernels import _config, testing  # noqa: E402
 from kdc_kernels.ops.windowed_attention import windowed_attention_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
-GRAD_NAMES = ("q", "k", "v", "rel_bias", "sigma")
+GRAD_NAMES = shape_sets.GRAD_NAMES
 OURS = "triton"
-# Competitors whose O(L^2) memory makes them impractical past this many logits per call.
-DENSE_LIMIT = 2**29
-
-
-@dataclass(frozen=True)
-class Shape:
-    suite: str
-    B: int
-    H: int
-    L: int
-    D: int
-    R: int
-    sigma_max: float | None  # None: the test-input default range [0.5, L/2 + 1]
-    cutoff: float | None
-
-    @property
-    def label(self) -> str:
-        cut = f" cutoff={self.cutoff:g}" if self.cutoff else ""
-        return f"B={self.B} H={self.H} L={self.L} D={self.D}{cut}"
+DENSE_LIMIT = shape_sets.DENSE_LIMIT
+Shape = shape_sets.AttentionShape
 
 
 def shapes(device: torch.device, quick: bool) -> list[Shape]:
-    if device.type != "cuda":  # smoke sizes for the interpreter
-        return [Shape("prvr", 2, 2, L, 16, 4, None, None) for L in (8, 32)] + \
-               [Shape("long", 1, 2, L, 16, 4, 4.0, 3.0) for L in (64, 128)]
-    prvr = [Shape("prvr", 256, 8, L, 64, 32, None, None) for L in ((32, 128) if quick else (32, 64, 128))]
-    longs = [Shape("long", 2, 8, L, 64, 32, 64.0, 3.0) for L in ((2048, 4096) if quick else (2048, 4096, 8192, 16384))]
-    return prvr + longs
+    """The shared windowed_attention shapes: full or quick on a GPU, the smoke sizes on a CPU."""
+    return shape_sets.attention_shapes(shape_sets.tier_for(device, quick))
 
 
 def make_inputs(s: Shape, dtype, device, seed: int) -> dict:
-    args = testing.attention_inputs(s.B, s.H, s.L, s.D, R=s.R, lengths=None, dtype=dtype, device=device, seed=seed)
-    if s.sigma_max is not None:
-        g = testing.make_generator(seed + 1000)
-        args["sigma"] = (1.0 + (s.sigma_max - 1.0) * torch.rand(s.B, s.H, s.L, generator=g)).to(device)
-    for n in GRAD_NAMES:
-        args[n].requires_grad_(True)
-    return args
+    return s.inputs(dtype, device, seed)
 
 
 # ------------------------------------------------------------------------------ competitors
@@ -207,8 +180,8 @@ def _applicable(name: str, s: Shape, device: torch.device, quick: bool = False,
         return "compiled competitors are skipped on CPU (smoke run)"
     if quick and chosen is None and name in COMPILED:
         return "compiled competitors are skipped with --quick (see --competitors)"
-    if name in DENSE and s.B * s.H * s.L * s.L > DENSE_LIMIT:
-        return f"O(L^2) memory: {s.B * s.H * s.L * s.L:.2e} logits"
+    if name in DENSE and s.logits > DENSE_LIMIT:
+        return f"O(L^2) memory: {s.logits:.2e} logits"
     return None
 
 

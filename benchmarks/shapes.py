@@ -108,9 +108,15 @@ class SimilarityShape:
         return (3 if self.backward else 1) * 2 * self.nq * self.nv * self.L * self.D / 1e12
 
     def inputs(self, dtype=torch.float32, device="cpu", seed: int = 0, requires_grad: bool = False) -> dict:
-        """queries, clips, ragged lengths as keyword arguments of the op."""
-        return testing.similarity_inputs(self.nq, self.nv, self.L, self.D, dtype=dtype, device=device, seed=seed,
-                                         requires_grad=requires_grad)
+        """queries, clips, ragged lengths as keyword arguments of the op (drawn on the device: the
+        corpus shape's clips are 6.5 GB in fp32)."""
+        g = torch.Generator(device=device).manual_seed(seed)
+        queries = torch.randn(self.nq, self.D, device=device, generator=g).to(dtype)
+        clips = torch.randn(self.nv, self.L, self.D, device=device, generator=g).to(dtype)
+        if requires_grad:
+            queries.requires_grad_(True)
+            clips.requires_grad_(True)
+        return dict(queries=queries, clips=clips, lengths=testing.ragged_lengths(self.nv, self.L, seed, device))
 
 
 def _prvr(L: int, quick: bool = False, smoke_L: int | None = None) -> AttentionShape:
