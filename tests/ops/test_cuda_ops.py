@@ -25,15 +25,54 @@ check the kernels whatever the public API accepts.
 Deliberate mutations of the tensor-core kernels, each applied alone to csrc/, the emulation
 rebuilt, and the emulated tests run with ``-x`` (the first test that failed is named; the
 mutation was then reverted). The campaign ran on this file alone, before its reference
-comparisons moved to the per-op files (issue 18); the tests it named that moved are given under
-their new names (``wa:`` = test_windowed_attention_fast.py, ``ms:`` = test_max_similarity_fast.py,
-``test_matches_reference[cuda-emulated-<case>-<dtype>]`` there: the same case, seed and dtype,
-checked by the op's one checker). The mutations marked ``*`` were re-run after the move, with
-``python -m pytest -x -q -p no:cacheprovider -m slow -k cuda-emulated
-tests/ops/test_windowed_attention_fast.py tests/ops/test_max_similarity_fast.py
-tests/ops/test_cuda_ops.py``, and the test named is the first that failed in that run:
+comparisons moved to the per-op files; the tests it named that moved are given under their new
+names (``wa <id>`` = test_windowed_attention_fast.py::test_matches_reference[cuda-emulated-<id>],
+``ms <id>`` and ``ms topk <id>`` = test_max_similarity_fast.py::test_matches_reference /
+test_topk_matches_reference[cuda-emulated-<id>]; the rest are tests of this file), the same
+shape, input seed and dtype, checked by the op's one checker (stricter for fp16 / bf16 than the old
+one; the upstream gradient is now drawn from the case's seed). The mutations marked ``*`` were
+re-run after the move (``python -m tests.ops.cuda_mutations``, which records their exact edits: it
+runs ``pytest -x -m slow -k cuda-emulated`` on test_windowed_attention_fast.py,
+test_max_similarity_fast.py and this file, in that order), and the test named is the first that
+failed in that run (2-core CPU machine); the others were not re-run:
 
-@@TABLE@@
+=====  ====================================================================  =========================================
+#      mutation                                                              first killed by
+=====  ====================================================================  =========================================
+M1*    fwd: per-warp window skipping drops the first tile a warp needs       wa L33-low-tables-fp16
+M2*    fwd: block key range one key short (off-by-one tile edge)             wa window_edges_w1-bf16
+M3*    K B-fragment: the two 8-column halves swapped (fragment layout)       wa odd-fp16
+M4     P as A operand: rows g / g+8 swapped in the second half (layout)      wa block-fp16
+M5     non-finite V tile multiplied on tensor cores anyway (0 * NaN)         test_windowed_attention_beyond_cutoff_may_hold_nan[cuda-emulated-long-bf16]
+M6*    fwd: cp.async.wait_group 2 instead of 1 (tile used before it lands)   wa tiny-bf16
+M7     fwd: next K tile staged into the buffer in use                        wa 3-blocks-fp16
+M8     bwd (one kernel): delta not summed over the 4 lanes of a row          wa block-fp16
+M9     bwd dkdv: query block skipped when its window ends at the key block   wa window_edges_w1-bf16
+M10    bwd dkdv: bias diagonals shifted by one                               wa 3-blocks-fp16
+M11    bias table: the clamped end bin misses its last diagonal              wa window_edges_w64-bf16
+M12*   staging: one row past the length loaded (length mask)                 wa bias-only-bf16
+M13    16-byte cp.async for D not a multiple of 8 (reads past D)             test_head_dim_slices_are_read_exactly[cuda-emulated-bf16]
+M14*   max-sim: ties go to the last clip (>= instead of >)                   ms L70-D48-fp16-normalize
+M15*   max-sim: one padded clip scored (off-by-one length mask)              ms 17x9x20x33-low-fp16-normalize
+M16*   max-sim: quad reduction misses the lanes 2 apart                      ms 17x9x20x33-low-fp16-normalize
+M17*   max-sim: next clip tile staged into the buffer in use                 ms L70-D48-fp16-normalize
+M18    bwd dq: K tile with NaN multiplied on tensor cores (0 * NaN)          test_windowed_attention_beyond_cutoff_may_hold_nan[cuda-emulated-long-bf16]
+M19*   top-k: scores written one video off in the split slab                 ms topk 17x9x20x33-k4-low-fp16-normalize
+M20    bwd dq: delta summed over the quad one tile early                     wa 3-blocks-fp16
+M21    max-sim epilogue: accumulator element mapped to the wrong clip        ms L70-D48-fp16-normalize
+M22    fwd: output not rescaled when the running max grows                   wa 3-blocks-fp16
+M23    logit: 0 * inf on the diagonal for a tiny sigma                       test_windowed_attention_tiny_sigma[cuda-emulated-long-1e-23-fp32]
+M24    d sigma: 0 / 0 when sigma^3 underflows                                test_windowed_attention_tiny_sigma[cuda-emulated-long-1e-23-fp32]
+M25    packing: L <= 20 put in 16-row slots (rows dropped)                   test_sanitizer_windowed_attention[cuda-emulated]
+M26    max-sim: wait before committing the next tile's copies                ms L70-D48-fp16-normalize
+M27*   top-k: rows sorted as if 8 warps ran (half never written)             ms topk 17x9x20x33-k4-low-fp16-normalize
+M28    bias partial tables indexed with R instead of min(R, L - 1)           wa R>L-bf16 (the process aborts: heap
+                                                                             overflow; scripts/emulated_sanitizer.sh)
+M29    keys step: a query's validity ignored                                 survived: equivalent (padded query rows
+                                                                             are zero-filled, so their P dO and dS Q
+                                                                             terms are exactly 0)
+M30    bwd dkdv: the block's keys masked one short                           wa 3-blocks-fp16
+=====  ====================================================================  =========================================
 
 The tests named ``*sanitizer*`` are a small subset for ``compute-sanitizer --tool memcheck``:
 ``compute-sanitizer --tool memcheck python -m pytest -m gpu -k sanitizer tests/ops/test_cuda_ops.py``.

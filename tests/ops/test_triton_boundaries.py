@@ -12,10 +12,11 @@ max_similarity: lengths and maxima placed at the clip-chunk edges of the interpr
 must be ignored.
 
 Mutation campaign (``python -m tests.ops.triton_mutations --first``: each mutation applied to a
-copy of the repository, then this module, ``test_contract_v2.py`` and the op's own Triton test
+copy of the repository, then this module, ``test_contract_v2.py`` and the op's fast-path test
 module run in that order on the CPU interpreter, stopping at the first failure; the copy is then
 discarded). The first test that kills each mutation (``contract`` = tests/ops/test_contract_v2.py,
-``triton`` = the op's test_<op>_triton.py); on the 2-core CPU machine, 27 mutations, after the
+``fast`` = the op's test_<op>_fast.py, which replaced test_<op>_triton.py: 24 and 27, the two it
+kills first, were re-run after that move); on the 2-core CPU machine, 27 mutations, after the
 kernels moved to their own files (attention: ``_triton_kernels.py``, launchers in ``_triton.py``;
 max-sim: forward in ``_triton.py``, the one-launch bucketed backward in ``_triton_bwd.py``, top-k
 in ``_triton_topk.py``):
@@ -50,18 +51,19 @@ in ``_triton_topk.py``):
     (``hit = end``: the padded NaN clip of a length-0 video)
 22  max-sim top-k: ``vv < Nv - v0`` -> ``<=``                              survived (equivalent, see below)
 23  ``_window_attn_fwd``: out stored on ``row_ok`` (padded rows unwritten)  test_attention_boundaries[narrow-ragged]
-24  max-sim top-k merge: ``col < n_cols`` -> ``<=``                        triton test_topk_matches_reference
+24  max-sim top-k merge: ``col < n_cols`` -> ``<=``                        fast test_topk_matches_reference[triton-
+                                                                          interpreter-6x300x2x8-k130-fp32-normalize]
 25  ``_key_tile``: k loaded on ``col_in`` (padded keys read)               survived (equivalent, see below)
 26  max-sim ``_bwd_dc``: ``-inf`` scores keep their weight                 contract excluded clips and empty videos
-27  forward: a poisoned row's lse 0 instead of +inf (its dO reaches the    triton test_rows_holding_a_non_finite_key_pass_
-    gradients)                                                            no_gradient[fused]
+27  forward: a poisoned row's lse 0 instead of +inf (its dO reaches the    fast test_rows_holding_a_non_finite_key_pass_
+    gradients)                                                            no_gradient[triton-interpreter-37]
 ==  ====================================================================  ================================================
 
 Mutation 1 (the one the reliability report found) is killed by this module only: in a full run
 of the three modules (without ``--first``, on an earlier revision of these cases) only
 test_attention_boundaries[narrow-uniform, narrow-ragged, fractional] failed. Mutation 27 survived
-the first run of this campaign (the contract test zeroes dO on poisoned rows); the triton test
-named beside it was added for it. Survivors, equivalent for every result (recorded so nobody
+the first run of this campaign (the contract test zeroes dO on poisoned rows); the test named
+beside it was added for it. Survivors, equivalent for every result (recorded so nobody
 re-runs them): 22 adds a candidate one past the last video, which scores -inf and has the highest
 index, so it can never enter a top-k of k <= Nv; 25 reads padded keys, which are then masked to
 weight 0 (and zeroed if non-finite): a second line of defence, not a bug.
