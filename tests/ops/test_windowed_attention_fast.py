@@ -10,7 +10,10 @@ that end exactly on block and warp edges, a long sequence with narrow windows; e
 sigma / cutoff / lengths / scale on and off; R = 0, small, > L; D = 5 .. 256; non-contiguous
 inputs and upstream gradients. Each case says which dtypes each mode runs: fp32 on the CPU modes
 (the interpreter also fp16/bf16 on a few cases: loads, casts and stores; the emulation fp16/bf16
-wherever the CUDA tensor-core kernels have a distinct path), fp32/fp16/bf16 on a GPU.
+wherever the CUDA tensor-core kernels have a distinct path), fp32/fp16/bf16 (or the dtypes the
+case is about) on both GPU modes. A case written for one implementation's tiles runs in the other
+implementation's CPU mode too, except where that costs seconds on the interpreter and adds no
+block edge of its own (``CUDA_TILES``).
 
 The checker (:func:`check`) follows the contract: fp32 within 1e-4 (TF32: 1e-3) of the reference,
 fp16/bf16 within twice the reference's own error in that dtype plus a small floor, both scaled by
@@ -109,6 +112,9 @@ class Case:
 
 LOW = ("fp32", "fp16", "bf16")
 BF16 = ("fp32", "bf16")
+# Written for the CUDA kernels' 64-row blocks and 16-row warps and costly on the interpreter: the
+# emulation and the GPUs run them (the interpreter runs every other case of the list).
+CUDA_TILES = dict(interpreter=(), emulated=BF16, gpu=BF16)
 CASES = [
     # whole sequences (one program owns them; short ones packed several to a tile)
     Case("L1", 3, 2, 1, 16, lengths=None, seed=2),
@@ -140,15 +146,14 @@ CASES = [
     Case("3-blocks", 1, 2, 130, 64, R=5, cutoff=1.0, seed=3, emulated=LOW),
     # cutoff * sigma an exact integer: windows end exactly on the key blocks (64) and on the
     # 16-row warp boundaries, where an off-by-one in the key range or the skipping drops a key
-    Case("window_edges_w1", 1, 2, 130, 16, lengths=None, cutoff=1.0, window=1.0, seed=130, emulated=BF16, gpu=BF16),
-    Case("window_edges_w2", 1, 2, 129, 16, lengths=None, cutoff=1.0, window=2.0, seed=129, emulated=BF16, gpu=BF16),
-    Case("window_edges_w64", 1, 2, 200, 16, lengths=None, cutoff=1.0, window=64.0, seed=200, emulated=BF16,
-         gpu=BF16),
-    Case("window_edges_w16", 1, 2, 200, 16, lengths=None, cutoff=1.0, window=16.0, seed=200, emulated=BF16,
-         gpu=BF16),
+    # (the Triton kernels' own block edges: test_triton_boundaries.py)
+    Case("window_edges_w1", 1, 2, 130, 16, lengths=None, cutoff=1.0, window=1.0, seed=130, **CUDA_TILES),
+    Case("window_edges_w2", 1, 2, 129, 16, lengths=None, cutoff=1.0, window=2.0, seed=129, **CUDA_TILES),
+    Case("window_edges_w64", 1, 2, 200, 16, lengths=None, cutoff=1.0, window=64.0, seed=200, **CUDA_TILES),
+    Case("window_edges_w16", 1, 2, 200, 16, lengths=None, cutoff=1.0, window=16.0, seed=200, **CUDA_TILES),
     # key blocks outside the window skipped; rows of very different widths share a block
     Case("long-window", 1, 2, 520, 16, R=4, lengths=None, cutoff=3.0, window="long", gpu_L=3000, seed=11,
-         emulated=BF16, gpu=BF16),
+         **CUDA_TILES),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 assert len(CASES_BY_NAME) == len(CASES)
@@ -292,19 +297,24 @@ def test_rows_holding_a_non_finite_key_pass_no_gradient(mode, L):
             assert torch.equal(grad, quiet[n]), f"d{n}: the dO of a poisoned row reached it"
 
 
-# Whole sequences (Triton: packed, fused backward; CUDA: packed) and tiled ones (several blocks).
-DETERMINISM = [Case("fused", 3, 2, 32, 16, R=4, cutoff=4.0), Case("tiled", 1, 2, 129, 16, R=40, cutoff=4.0),
-               Case("packed", 2, 2, 30, 32, R=6, cutoff=2.0, seed=13), Case("long", 2, 2, 70, 32, R=6, cutoff=2.0,
-                                                                            seed=13)]
+# Whole sequences and tiled ones, for the Triton kernels (packed with a fused backward; several
+# blocks) and the CUDA kernels (packed slots; 64-row blocks): each CPU mode runs its own pair.
+TRITON_PAIR = dict(emulated=(), gpu=LOW)
+CUDA_PAIR = dict(interpreter=(), emulated=BF16, gpu=BF16)
+DETERMINISM = [Case("fused", 3, 2, 32, 16, R=4, cutoff=4.0, **TRITON_PAIR),
+               Case("tiled", 1, 2, 129, 16, R=40, cutoff=4.0, **TRITON_PAIR),
+               Case("packed", 2, 2, 30, 32, R=6, cutoff=2.0, seed=13, **CUDA_PAIR),
+               Case("long", 2, 2, 70, 32, R=6, cutoff=2.0, seed=13, **CUDA_PAIR)]
 
 
 @pytest.mark.parametrize("how", ["KDC_DETERMINISTIC", "torch"])
 def test_deterministic_mode(mode, how, monkeypatch):
     """Deterministic mode (``KDC_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms``):
-    two runs give bitwise identical outputs and gradients, which match the reference. Triton: the
-    launch policy gives every kernel the op launches its pinned config without timing anything (on
-    the interpreter too, where the launch itself ignores configs: tests/ops/launch_spy.py), and
-    outside deterministic mode the same spy sees autotuning (the control)."""
+    two runs give bitwise identical outputs and gradients (on a GPU they also match the reference:
+    the pinned configs differ from the tuned ones). Triton: the launch policy gives every kernel the
+    op launches its pinned config without timing anything (on the interpreter too, where the launch
+    itself ignores configs: tests/ops/launch_spy.py), and outside deterministic mode the same spy
+    sees autotuning (the control)."""
     if how == "KDC_DETERMINISTIC":
         monkeypatch.setenv("KDC_DETERMINISTIC", "1")
     else:
@@ -312,10 +322,9 @@ def test_deterministic_mode(mode, how, monkeypatch):
     monkeypatch.delenv("KDC_AUTOTUNE", raising=False)  # pinned by deterministic mode alone
     assert _config.deterministic()
     spy = launch_spy.record(monkeypatch) if mode.impl == "triton" else None
-    dtypes = {"triton-interpreter": ("fp32",), "cuda-emulated": BF16}.get(mode.name, LOW)
-    cases = DETERMINISM if how == "KDC_DETERMINISTIC" else DETERMINISM[:1]
-    for case in cases:
-        for dt in dtypes:
+    cases = [c for c in DETERMINISM if c.dtypes(mode.name)]
+    for case in cases if how == "KDC_DETERMINISTIC" else cases[:1]:
+        for dt in case.dtypes(mode.name):
             args = case.inputs(mode.device, DTYPES[dt])
             dout = case.dout(args["q"].shape, mode.device, DTYPES[dt])
             first = run(mode.windowed_attention, args, dout, cutoff=case.cutoff)
@@ -323,15 +332,17 @@ def test_deterministic_mode(mode, how, monkeypatch):
             assert torch.equal(first[0], second[0])
             for n in first[1]:
                 assert torch.equal(first[1][n], second[1][n]), f"d{n} differs between two runs"
-            check(mode, args, dout, cutoff=case.cutoff)
+            if mode.gpu:
+                check(mode, args, dout, cutoff=case.cutoff)
     if spy is not None:
         spy.assert_pinned()
-        if mode.interpreted:  # the control (a GPU would autotune for real here)
+        if mode.interpreted and how == "KDC_DETERMINISTIC":  # the control (a GPU would autotune for real)
             monkeypatch.delenv("KDC_DETERMINISTIC", raising=False)
             monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
             spy.clear()
             args = DETERMINISM[0].inputs(mode.device, torch.float32)
-            run(mode.windowed_attention, args, torch.ones_like(args["q"]), cutoff=4.0)
+            with torch.no_grad():
+                mode.windowed_attention(**args, cutoff=4.0)
             spy.assert_autotuned()
 
 
@@ -359,9 +370,11 @@ def _compile_backend(mode) -> str:
     return "inductor" if mode.gpu else "aot_eager"
 
 
+@pytest.mark.parametrize("mode", run_modes.params("cuda-emulated", "triton-gpu", "cuda-gpu"), indirect=True)
 def test_compile_fullgraph_op(mode):
     """torch.compile(fullgraph=True) of the op (validation, dispatch, the registered ops and
-    their autograd) matches the eager reference, output and every gradient."""
+    their autograd) matches the eager reference, output and every gradient (the interpreter: the
+    layer test below)."""
     args = testing.attention_inputs(2, 2, 9, 8, R=2, seed=14, device=mode.device)
     compiled = torch.compile(mode.windowed_attention, fullgraph=True, backend=_compile_backend(mode))
     dout = torch.randn(args["q"].shape, generator=testing.make_generator(15)).to(mode.device)
