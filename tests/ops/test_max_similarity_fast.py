@@ -117,12 +117,13 @@ class Case:
 
 
 GPU_ONLY = dict(interpreter=(), emulated=())
-ARGMAX_TIES = dict(ties="argmax")
+ARGMAX_TIES = dict(ties="argmax", gpu=("fp32",))  # the CUDA cases' GPU dtypes: fp32, or their fp16 / bf16
 # Written for one implementation's tiles, where the other's CPU mode would add seconds and no
 # block edge of its own (the Triton tiles' edges: the plain cases' sizes and
 # test_triton_boundaries.py's; the CUDA tiles': the tie cases' sizes).
 CUDA_TILES = dict(interpreter=())
 TRITON_TILES = dict(emulated=())
+LOW_TIES = dict(ARGMAX_TIES, gpu=("fp16", "bf16"))
 CASES = [
     # plain random data (near-ties resolved by the tolerance rules)
     Case("1x1x1x1", 1, 1, 1, 1, seed=0, **TRITON_TILES),
@@ -149,11 +150,11 @@ CASES = [
          **ARGMAX_TIES),
     # fp16 / bf16 on the CUDA tensor cores: clip tiles of 64 (several per video) and of 32 (L <= 32
     # or D > 256), 16-byte cp.async staging (D a multiple of 8, contiguous) or element by element
-    Case("L70-D48", 65, 6, 70, 48, normalize=(True,), seed=21, emulated=LOW, **ARGMAX_TIES, **CUDA_TILES),
-    Case("L20-D20", 33, 7, 20, 20, normalize=(True,), seed=21, emulated=LOW, **ARGMAX_TIES, **CUDA_TILES),
-    Case("L130-D264", 20, 4, 130, 264, normalize=(True,), seed=21, emulated=LOW, **ARGMAX_TIES, **CUDA_TILES),
+    Case("L70-D48", 65, 6, 70, 48, normalize=(True,), seed=21, emulated=LOW, **LOW_TIES, **CUDA_TILES),
+    Case("L20-D20", 33, 7, 20, 20, normalize=(True,), seed=21, emulated=LOW, **LOW_TIES, **CUDA_TILES),
+    Case("L130-D264", 20, 4, 130, 264, normalize=(True,), seed=21, emulated=LOW, **LOW_TIES, **CUDA_TILES),
     Case("L40-D32-noncontiguous", 40, 5, 40, 32, noncontiguous=True, normalize=(True,), seed=21, emulated=LOW,
-         **ARGMAX_TIES, **CUDA_TILES),
+         **LOW_TIES, **CUDA_TILES),
 ]
 TOPK_CASES = [
     # k = 1, small, Nv, and past the Triton register path (K_PAD 256); random data (the emulation,
@@ -173,10 +174,10 @@ TOPK_CASES = [
     Case("L=33", 70, 40, 33, 24, k=40, seed=80, **ARGMAX_TIES, **CUDA_TILES),
     Case("k=Nv-splits", 5, 260, 3, 8, k=260, lengths=None, pair=(3, 257), seed=520, **ARGMAX_TIES),
     # fp16 / bf16 (CUDA: the tensor-core scoring; one split, three splits)
-    Case("one-split", 40, 50, 20, 32, k=20, normalize=(True,), seed=32, emulated=("fp16", "bf16"), **ARGMAX_TIES,
+    Case("one-split", 40, 50, 20, 32, k=20, normalize=(True,), seed=32, emulated=("fp16", "bf16"), **LOW_TIES,
          **CUDA_TILES),
     Case("three-splits", 70, 300, 70, 24, k=130, normalize=(True,), seed=32, interpreter=(),
-         emulated=("fp16", "bf16"), **ARGMAX_TIES),
+         emulated=("fp16", "bf16"), **LOW_TIES),
 ]
 for _cases in (CASES, TOPK_CASES):
     assert len({c.name for c in _cases}) == len(_cases)
@@ -366,7 +367,7 @@ def test_topk_exact_ties_go_to_the_lower_video(mode):
 # Each CPU mode runs the case written for it (Triton: > 16 queries, > 8 videos per dq step, D > 32;
 # CUDA: > 64 queries, L > 32 clips); a GPU runs both.
 DETERMINISM = [Case("33x20x12x40", 33, 20, 12, 40, seed=11, emulated=()),
-               Case("70x12x40x32", 70, 12, 40, 32, seed=23, **ARGMAX_TIES, interpreter=(), gpu=("fp32", "bf16"))]
+               Case("70x12x40x32", 70, 12, 40, 32, seed=23, ties="argmax", interpreter=(), gpu=("fp32", "bf16"))]
 
 
 @pytest.mark.parametrize("how", ["KDC_DETERMINISTIC", "torch.use_deterministic_algorithms"])
