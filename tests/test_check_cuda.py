@@ -40,8 +40,16 @@ def test_missing_nvcc_fails_and_says_how_to_fix_it(check_cuda, capsys):
     assert out.rstrip().endswith("check_cuda: FAILED")
 
 
-def test_missing_binding_toolchain_fails(check_cuda, capsys, monkeypatch):
+def test_missing_binding_toolchain_fails(check_cuda, capsys, monkeypatch, tmp_path):
+    """nvcc is there (a stand-in; no sources to compile), the binding toolchain is not."""
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 0.0'\n")
+    nvcc.chmod(0o755)
+    (tmp_path / "csrc").mkdir()
+    monkeypatch.setattr(check_cuda, "find_nvcc", lambda: str(nvcc))
+    monkeypatch.setattr(check_cuda, "CSRC", tmp_path / "csrc")
     monkeypatch.setattr(check_cuda, "binding_command", lambda: (None, "no C++ compiler (g++) found", None))
+    assert check_cuda.main(["--no-bindings"]) == 0  # the rest of the check passes
     assert check_cuda.main([]) == 1
     out = capsys.readouterr().out
     assert "the binding syntax check cannot run: no C++ compiler (g++) found" in out and "--no-bindings" in out
