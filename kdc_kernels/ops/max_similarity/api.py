@@ -142,7 +142,7 @@ def _is_empty(case: dict) -> bool:
 def _probe(**options) -> dict:
     """A small fp32 case on the meta device (nothing is allocated)."""
     return dict(queries=torch.empty(8, 32, device="meta"), clips=torch.empty(4, 16, 32, device="meta"), lengths=None,
-                normalize=True, **options)
+                **options)
 
 
 def _triton() -> _backend.FastPath:
@@ -176,7 +176,7 @@ MAX_SIMILARITY = _backend.OpSpec(
     validate=_max_similarity_case,
     reference=max_similarity_ref,
     fast_paths={"triton": _triton, "cuda": _cuda},
-    probe=lambda: _probe(return_index=False),
+    probe=lambda: _probe(normalize=True, return_index=False),
     device_of="queries",
     is_empty=_is_empty,
     cuda_ops=("cuda_max_similarity_fwd", "cuda_max_similarity_bwd"),
@@ -188,7 +188,7 @@ MAX_SIMILARITY_TOPK = _backend.OpSpec(
     validate=_topk_case,
     reference=max_similarity_topk_ref,
     fast_paths={"triton": _topk_triton, "cuda": _topk_cuda},
-    probe=lambda: _probe(k=2),
+    probe=lambda: _probe(k=2, normalize=True),
     device_of="queries",
     is_empty=_is_empty,
     cuda_ops=("cuda_max_similarity_topk",),
