@@ -6,7 +6,7 @@ function, validation, reference, fast paths, a probe case, the compiled ops behi
 ``impl="cuda"``), and ``kdc_kernels.ops.OPS`` lists them. The public function validates its
 arguments into a *case* (a dict of keyword arguments that every impl of the op takes) and calls
 :func:`dispatch` with its spec; ``kdc_kernels.info`` and the compiled extension's op list
-(``_ext.cuda_ops``) read the same table.
+(``_ext.CUDA_OPS``) read the same table.
 
 Rules (the op contract):
 

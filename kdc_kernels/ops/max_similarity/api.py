@@ -145,26 +145,26 @@ def _probe(**options) -> dict:
                 **options)
 
 
-def _triton() -> _backend.FastPath:
+def _load_triton() -> _backend.FastPath:
     from . import _triton
 
     return _backend.FastPath(run=_triton.max_similarity_triton, unsupported=_triton.max_similarity_unsupported)
 
 
-def _cuda() -> _backend.FastPath:
+def _load_cuda() -> _backend.FastPath:
     from . import _cuda
 
     return _backend.FastPath(run=_cuda.max_similarity_cuda, unsupported=_cuda.max_similarity_unsupported)
 
 
-def _topk_triton() -> _backend.FastPath:
+def _load_topk_triton() -> _backend.FastPath:
     from . import _triton_topk
 
     return _backend.FastPath(run=_triton_topk.max_similarity_topk_triton,
                              unsupported=_triton_topk.max_similarity_topk_unsupported)
 
 
-def _topk_cuda() -> _backend.FastPath:
+def _load_topk_cuda() -> _backend.FastPath:
     from . import _cuda
 
     return _backend.FastPath(run=_cuda.max_similarity_topk_cuda, unsupported=_cuda.max_similarity_topk_unsupported)
@@ -175,7 +175,7 @@ MAX_SIMILARITY = _backend.OpSpec(
     function=max_similarity,
     validate=_max_similarity_case,
     reference=max_similarity_ref,
-    fast_paths={"triton": _triton, "cuda": _cuda},
+    fast_paths={"triton": _load_triton, "cuda": _load_cuda},
     probe=lambda: _probe(normalize=True, return_index=False),
     device_of="queries",
     is_empty=_is_empty,
@@ -187,7 +187,7 @@ MAX_SIMILARITY_TOPK = _backend.OpSpec(
     function=max_similarity_topk,
     validate=_topk_case,
     reference=max_similarity_topk_ref,
-    fast_paths={"triton": _topk_triton, "cuda": _topk_cuda},
+    fast_paths={"triton": _load_topk_triton, "cuda": _load_topk_cuda},
     probe=lambda: _probe(k=2, normalize=True),
     device_of="queries",
     is_empty=_is_empty,

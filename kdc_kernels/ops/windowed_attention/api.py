@@ -140,13 +140,13 @@ def _probe() -> dict:
                 lengths=None, scale=None, cutoff=None)
 
 
-def _triton() -> _backend.FastPath:
+def _load_triton() -> _backend.FastPath:
     from . import _triton
 
     return _backend.FastPath(run=_triton.windowed_attention_triton, unsupported=_triton.windowed_attention_unsupported)
 
 
-def _cuda() -> _backend.FastPath:
+def _load_cuda() -> _backend.FastPath:
     from . import _cuda
 
     return _backend.FastPath(run=_cuda.windowed_attention_cuda, unsupported=_cuda.windowed_attention_unsupported)
@@ -157,7 +157,7 @@ WINDOWED_ATTENTION = _backend.OpSpec(
     function=windowed_attention,
     validate=_case,
     reference=windowed_attention_ref,
-    fast_paths={"triton": _triton, "cuda": _cuda},
+    fast_paths={"triton": _load_triton, "cuda": _load_cuda},
     probe=_probe,
     device_of="q",
     is_empty=lambda case: case["q"].numel() == 0,
