@@ -86,22 +86,7 @@ def _short(name: str) -> str:
 
 def ptxas_report(output: str) -> list[tuple[str, int, int, int]]:
     """(kernel, registers, spill store bytes, spill load bytes) from ``-Xptxas -v`` output."""
-    rows, current, spills = [], None, (0, 0)
-    for line in output.splitlines():
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            current = m.group(1)
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current:
-            spills = (int(m.group(1)), int(m.group(2)))
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m and current:
-            rows.append((current, int(m.group(1)), *spills))
-            current, spills = None, (0, 0)
-    names = _demangle([r[0] for r in rows])
-    return [(_short(names[r[0]]), r[1], r[2], r[3]) for r in rows]
+    return [row[:4] for row in kernel_rows(output, None)]
 
 
 def keep_dir(out_dir: Path, source: Path, arch: str) -> Path:
