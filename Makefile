@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make train   create .venv if missing, install, run the main job (KDC-Net on synthetic data)
-#   make test    create .venv if missing, install, run the whole test suite, then the portability
+#   make test    create .venv if missing, install, run the CUDA compile check (needs nvcc; fails
+#                without it unless KDC_SKIP_CUDA_CHECK=1), the whole test suite, then the portability
 #                guard (make test-guard)
 #
 # Variables (override on the command line, e.g. `make test PYTEST_ARGS="-x -k topk"`):

@@ -9,8 +9,8 @@
 ``MAX_JOBS`` the parallel compile jobs (ninja). Install with ``pip install --no-build-isolation -e .``.
 Beside the library the build writes ``_C_build.json`` (the torch / CUDA versions and architectures
 it was built for): importing under another torch then explains the mismatch instead of crashing.
-The sources, flags and build-info logic live in ``kdc_kernels/_build.py`` (shared with the
-``KDC_JIT=1`` build on first use).
+The sources, flags and build-info logic live in ``kdc_kernels/_build.py`` (which the package
+also reads to check the build info at import).
 """
 
 from __future__ import annotations

@@ -1,4 +1,12 @@
-"""Implementation choice for every op, and the reasons an implementation cannot run.
+"""Implementation choice for every op, the reasons an implementation cannot run, and the op
+table's record type.
+
+Every op declares itself once, in its own folder, as an :class:`OpSpec` (its name, public
+function, validation, reference, fast paths, a probe case, the compiled ops behind
+``impl="cuda"``), and ``kdc_kernels.ops.OPS`` lists them. The public function validates its
+arguments into a *case* (a dict of keyword arguments that every impl of the op takes) and calls
+:func:`dispatch` with its spec; ``kdc_kernels.info`` and the compiled extension's op list
+(``_ext.CUDA_OPS``) read the same table.
 
 Rules (the op contract):
 
@@ -15,8 +23,8 @@ Rules (the op contract):
 from __future__ import annotations
 
 import importlib.util
-import sys
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -93,7 +101,7 @@ def cuda_env_reasons(device: torch.device, op_name: str) -> list[str]:
     loaded, why = _ext.status()
     if not loaded:
         reasons.append(f"the compiled extension is not loaded: {why}")
-    elif not _ext.has_op(op_name):
+    elif op_spec(op_name).cuda_ops and not _ext.has_op(op_name):
         reasons.append(f"the compiled extension has no CUDA kernel for kdc::{op_name} (rebuild it)")
     return reasons
 
@@ -116,68 +124,100 @@ def resolve(op_name: str, impl, device: torch.device, why_not: WhyNot) -> str:
     return requested
 
 
-def impl_module(package: str, impl: str):
-    """``<package>._<impl>`` (e.g. ``kdc_kernels.ops.max_similarity._triton``), or None if absent.
+@dataclass(frozen=True)
+class FastPath:
+    """One fast implementation of an op: what its module provides."""
 
-    Imported lazily: Triton decides between compiled and interpreted kernels when a kernel module
-    is imported, so the choice follows ``TRITON_INTERPRET`` at the first call, not at import of
-    ``kdc_kernels``.
+    run: Callable[..., Any]
+    """``run(**case)``: the op on a validated case."""
+    unsupported: Callable[..., "list[str]"]
+    """``unsupported(**case)``: every reason it cannot run the case (shapes, dtypes, limits; the
+    environment is :func:`why_not`'s business). Must work on meta tensors (``info``'s probes)."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op, as its folder declares it (``ops/<op>/api.py``) and ``kdc_kernels.ops.OPS`` lists it."""
+
+    name: str
+    """The public name: ``kdc_kernels.<name>``, the key of ``AUTO_MEASURED``, the name in messages."""
+    function: Callable[..., Any]
+    """The public function."""
+    validate: Callable[..., dict]
+    """Takes the public function's arguments (all but ``impl``), checks them and returns the case:
+    the keyword arguments that the reference and every fast path take."""
+    reference: Callable[..., Any]
+    """``reference(**case)``: the plain PyTorch oracle."""
+    fast_paths: dict
+    """impl name (``"triton"``, ``"cuda"``) -> a function returning its :class:`FastPath`. The
+    function imports the impl's module: kernel modules are imported on first use, because Triton
+    decides between compiled and interpreted kernels when a kernel module is imported, so the
+    choice follows ``TRITON_INTERPRET`` at the first call, not at import of ``kdc_kernels``."""
+    probe: Callable[[], dict]
+    """A small valid fp32 case on the meta device: ``kdc_kernels.info`` asks every impl whether it
+    could run it (and reports what ``auto`` picks)."""
+    device_of: str
+    """The case entry whose device is where the op runs."""
+    is_empty: Callable[[dict], bool]
+    """Whether the case is empty: the result is then the reference's (empty) one, as torch does,
+    once the requested impl has been checked."""
+    cuda_ops: tuple = ()
+    """The compiled ops ``kdc::<name>`` behind ``impl="cuda"`` (all need a CUDA kernel in the
+    loaded extension); empty when the extension provides no kernel for this op."""
+
+
+def why_not(op, impl: str, device: torch.device, case: dict, *older) -> list[str]:
+    """Every reason ``impl`` cannot run the op ``op`` (an :class:`OpSpec`, or its name) on ``case``
+    (the op's validated arguments) with tensors on ``device``; empty when it can.
+
+    The older form ``why_not(op_name, package, impl, device, case)``, which the benchmark scripts
+    still use, works too: the package is the table's business now and is not used.
     """
-    name = f"{package}._{impl}"
-    return sys.modules[name] if _import(name) else None
-
-
-@torch.compiler.assume_constant_result
-def _import(name: str) -> bool:
-    """Import ``name`` if such a module exists; whether it does. torch.compile cannot trace
-    importlib; marked like this, the import runs eagerly while the caller is traced (fullgraph
-    compile of the ops works)."""
-    if name in sys.modules:
-        return True
-    try:
-        importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:  # the module exists but a dependency of it is missing: a real error
-            raise
-        return False
-    return True
-
-
-def fast_path(op_name: str, package: str, impl: str):
-    """``(run, unsupported)`` functions of ``impl`` for ``op_name``; either is None if missing."""
-    if impl == "triton" and not triton_available():
-        return None, None
-    module = impl_module(package, impl)
-    if module is None:
-        return None, None
-    return getattr(module, f"{op_name}_{impl}", None), getattr(module, f"{op_name}_unsupported", None)
-
-
-def why_not(op_name: str, package: str, impl: str, device: torch.device, case: dict) -> list[str]:
-    """Every reason ``impl`` cannot run ``op_name`` on ``case`` (the op's validated arguments)."""
+    if older:
+        impl, device, case = device, case, older[0]
+    spec = op if isinstance(op, OpSpec) else op_spec(op)
     if impl == "reference":
         return []
-    reasons = triton_env_reasons(device) if impl == "triton" else cuda_env_reasons(device, op_name)
+    reasons = triton_env_reasons(device) if impl == "triton" else cuda_env_reasons(device, spec.name)
     if impl == "triton" and not triton_available():
-        return reasons
-    run, unsupported = fast_path(op_name, package, impl)
-    if run is None:
-        reasons.append(f"the {impl} implementation of {op_name} is not written yet")
-    elif unsupported is not None:
-        reasons.extend(unsupported(**case))
+        return reasons  # the Triton modules cannot even be imported
+    load = spec.fast_paths.get(impl)
+    if load is None:
+        reasons.append(f"the {impl} implementation of {spec.name} is not written yet")
+    else:
+        reasons.extend(load().unsupported(**case))
     return reasons
 
 
-def dispatch(op_name: str, package: str, impl, device: torch.device, case: dict, reference: Callable):
-    """Resolve the impl for ``case`` and run it."""
-    chosen = resolve(op_name, impl, device, lambda name: why_not(op_name, package, name, device, case))
+def op_spec(name: str) -> OpSpec:
+    """The :class:`OpSpec` of the op called ``name`` in ``kdc_kernels.ops.OPS``."""
+    from .ops import OPS
+
+    for spec in OPS:
+        if spec.name == name:
+            return spec
+    raise ValueError(f"no op named {name!r}; the ops are {[spec.name for spec in OPS]}")
+
+
+def dispatch(spec: OpSpec, impl, case: dict):
+    """Resolve the impl of ``spec``'s op for ``case`` (validated by ``spec.validate``) and run it."""
+    device = case[spec.device_of].device
+
+    def reasons(name: str) -> list[str]:
+        return why_not(spec, name, device, case)
+
+    if spec.is_empty(case):
+        # torch's convention: empty in, empty out. The requested impl must still be able to run
+        # here; the reference then builds the (autograd-connected) empty result.
+        resolve(spec.name, impl, device, reasons)
+        impl = "reference"
+    chosen = resolve(spec.name, impl, device, reasons)
     if chosen == "reference":
         if device.type in ("cpu", "cuda"):
             # The contract fixes the compute precision (fp32) and the output dtypes: autocast must
             # not turn the reference's matmuls into bf16/fp16 ones (the fast paths are custom ops,
             # which autocast leaves alone).
             with torch.autocast(device_type=device.type, enabled=False):
-                return reference(**case)
-        return reference(**case)
-    run, _ = fast_path(op_name, package, chosen)
-    return run(**case)
+                return spec.reference(**case)
+        return spec.reference(**case)
+    return spec.fast_paths[chosen]().run(**case)

@@ -1,7 +1,7 @@
 """How the CUDA extension is built: sources, compiler flags, architectures, the build-info file.
 
-Shared by ``setup.py`` (loaded from its file path, so it must not import the package or torch at
-module level) and by the ``KDC_JIT=1`` path of :mod:`kdc_kernels._ext`.
+Used by ``setup.py`` (loaded from its file path, so it must not import the package or torch at
+module level) and by :mod:`kdc_kernels._ext` (the build-info check at import).
 
 The extension ``kdc_kernels._C`` is built from ``csrc/``: torch-free kernels (``*.cu``, compiled
 by nvcc with ``NVCC_FLAGS``) and small torch bindings (``*.cpp``). Next to the library the build
@@ -38,20 +38,21 @@ def source_root() -> Path | None:
 def sources(root: Path) -> list[str]:
     """Every ``.cu`` and ``.cpp`` file under ``root/csrc``, sorted, relative to ``root``.
 
-    File names must be unique across folders: ``torch.utils.cpp_extension.load`` (the JIT build)
-    names object files after the file name alone.
+    File names must be unique across folders: the CUDA emulation build of the tests
+    (``tests/cuda_emulation``, ``torch.utils.cpp_extension.load``) names object files after the
+    file name alone.
     """
     found = glob.glob(os.path.join("csrc", "**", "*.cu"), root_dir=root, recursive=True)
     found += glob.glob(os.path.join("csrc", "**", "*.cpp"), root_dir=root, recursive=True)
     stems = [os.path.splitext(os.path.basename(path))[0] for path in found]
     clashes = sorted({stem for stem in stems if stems.count(stem) > 1})
     if clashes:
-        raise SystemExit(f"csrc/ source file names must be unique (the JIT build needs it): {clashes}")
+        raise SystemExit(f"csrc/ source file names must be unique (the CUDA emulation build needs it): {clashes}")
     return sorted(found)
 
 
 def sources_hash(root: Path) -> str:
-    """Hash of every file under ``csrc/`` (sources and headers): names the JIT cache folder."""
+    """Hash of every file under ``csrc/`` (sources and headers), recorded in the build info."""
     digest = hashlib.sha256()
     for path in sorted((root / "csrc").rglob("*")):
         if path.is_file():
@@ -140,15 +141,6 @@ def build_mismatch(info: dict | None, torch_version: str, torch_cuda: str | None
     if built_cuda != torch_cuda:
         return f"it was built for CUDA {built_cuda} but this torch uses CUDA {torch_cuda}; rebuild it"
     return None
-
-
-def jit_build_dir(torch_module, archs: str | None, root: Path) -> Path:
-    """Versioned cache folder of the ``KDC_JIT=1`` build: one per torch, CUDA, archs and sources."""
-    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions")
-    tag = f"kdc_kernels-torch{torch_module.__version__}-cu{torch_module.version.cuda}-sm{archs or 'visible'}"
-    tag = "".join(ch if ch.isalnum() or ch in ".-_" else "_" for ch in tag)
-    return Path(base) / f"{tag}-{sources_hash(root)}"
 
 
 def build_ext_with_info(base, info: dict):

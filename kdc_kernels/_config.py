@@ -10,7 +10,6 @@ with ``os.environ`` / ``monkeypatch.setenv`` and see the effect on the next call
 | ``KDC_VALUE_CHECKS`` | auto, sync, async, off | data-dependent checks (lengths in range, sigma finite and > 0 on valid rows, mask is a 0/1 prefix): ``sync`` reads the values on the host and raises a ``ValueError`` naming the argument and the first bad entry (a device sync per check: the debug mode); ``async`` enqueues device-side asserts (no host sync; on a GPU a bad value ends in "device-side assert triggered", rerun with ``sync`` to see which); ``off`` trusts the data; ``auto`` (default): ``sync`` for CPU tensors (no device to wait for), ``async`` elsewhere |
 | ``KDC_AUTOTUNE`` | 0, 1 (1) | 0: every Triton kernel runs its pinned launch configuration (one compile per case, no timing runs; kdc_kernels/_launch.py) |
 | ``KDC_SKIP_VALUE_CHECKS`` | 0, 1 | older spelling of ``KDC_VALUE_CHECKS=off`` (``1`` wins over ``KDC_VALUE_CHECKS``) |
-| ``KDC_JIT`` | 0, 1 | build the CUDA extension on first use (editable installs) |
 | ``TRITON_INTERPRET`` | 0, 1 | Triton's own flag: run Triton kernels on the CPU interpreter |
 | ``KDC_POISON_OUTPUTS`` | 0, 1 | test hook: fast paths fill the outputs they allocate with NaN (integers with -1) before their kernels run, so an unwritten element fails a comparison (also read by the compiled extension) |
 | ``KDC_TOPK_ROUND_SPLITS`` | 1..31 | test hook read by the compiled extension: video splits merged per round by the CUDA top-k (default 31) |
@@ -104,11 +103,6 @@ def autotune() -> bool:
 def triton_interpret() -> bool:
     """Whether Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _flag("TRITON_INTERPRET")
-
-
-def jit_build() -> bool:
-    """``KDC_JIT=1``: compile the CUDA extension on first use."""
-    return _flag("KDC_JIT")
 
 
 def poison_outputs() -> bool:

@@ -3,9 +3,7 @@
 Importing ``kdc_kernels`` never fails for lack of the extension: ``status()`` says whether it
 loaded and, if not, why and how to build it. A library built against another torch is not loaded
 (its build-info file says which torch it was built for; loading it could fail on missing symbols
-or worse): the reason says so. With ``KDC_JIT=1`` and a source checkout (editable install), the
-extension is compiled on first use with ``torch.utils.cpp_extension.load`` into a versioned cache
-folder (one per torch, CUDA, architectures and sources) when no usable prebuilt one is found.
+or worse): the reason says so. The extension is built at install time only (``setup.py``).
 
 The ``kdc::cuda_*`` ops are declared in Python (``kdc_kernels/ops/*/_cuda.py``: schema, fake
 implementation, autograd), so tracing, fake tensors and ``opcheck`` work whether or not the library
@@ -20,24 +18,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
-from . import _build, _config
+from . import _build
 
 BUILD_HINT = (
     "build it on a machine with a CUDA build of torch and nvcc: "
-    "KDC_BUILD_CUDA=1 pip install --no-build-isolation -e . (or set KDC_JIT=1 in a source checkout)"
+    "KDC_BUILD_CUDA=1 pip install --no-build-isolation -e ."
 )
-
-# The compiled ops behind each public op (all must have a CUDA kernel for the op to run on CUDA).
-CUDA_OPS = {
-    "windowed_attention": ("cuda_windowed_attention_fwd", "cuda_windowed_attention_bwd"),
-    "max_similarity": ("cuda_max_similarity_fwd", "cuda_max_similarity_bwd"),
-    "max_similarity_topk": ("cuda_max_similarity_topk",),
-}
 
 KERNEL_SUFFIX = "_kernel"  # kdc::<compiled op><suffix>: the private op the library implements
 
@@ -61,37 +51,6 @@ def _load_prebuilt() -> str | None:
     return None
 
 
-def _load_jit() -> str | None:
-    """Compiles (or reuses the cached build of) the extension from ``csrc/``; returns why not."""
-    root = _build.source_root()
-    if root is None:
-        return "KDC_JIT=1 needs the source tree (csrc/ beside the kdc_kernels package): use an editable install"
-    try:
-        from torch.utils import cpp_extension
-
-        archs = _build.arch_list(torch.cuda.is_available())
-        build_dir = _build.jit_build_dir(torch, archs, root)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if archs is not None:
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs)
-        path = cpp_extension.load(
-            name="kdc_kernels_jit",
-            sources=[str(root / s) for s in _build.sources(root)],
-            extra_include_paths=[str(root / "csrc")],
-            extra_cflags=_build.CXX_FLAGS,
-            extra_cuda_cflags=_build.NVCC_FLAGS,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:  # noqa: BLE001 - a failed build must not break importing the package
-        return f"KDC_JIT=1 build failed ({type(exc).__name__}: {exc})"
-    info = _build.build_info(torch, archs, root)
-    _build.write_build_info(build_dir, info)
-    _state.update(info=info, path=str(path))
-    return None
-
-
 def _load() -> None:
     if _state["tried"]:
         return
@@ -100,9 +59,6 @@ def _load() -> None:
         _state["reason"] = f"torch {torch.__version__} is a CPU-only build; " + BUILD_HINT
         return
     reason = _load_prebuilt()
-    if reason is not None and _config.jit_build():
-        jit_reason = _load_jit()
-        reason = None if jit_reason is None else f"{reason}; {jit_reason}"
     _state["loaded"] = reason is None
     _state["reason"] = reason or ""
 
@@ -126,13 +82,25 @@ def _has_cuda_kernel(qualname: str) -> bool:
         return False
 
 
+def __getattr__(name: str):
+    """``CUDA_OPS``: public op name -> the compiled ops behind its ``impl="cuda"``, for every op of
+    the op table (``kdc_kernels.ops.OPS``) that the extension provides (read from the table when
+    asked for: the table imports the ops, which import this module)."""
+    if name == "CUDA_OPS":
+        from .ops import OPS
+
+        return {spec.name: spec.cuda_ops for spec in OPS if spec.cuda_ops}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def has_op(op_name: str) -> bool:
     """Whether the loaded extension registered CUDA kernels for every compiled op behind the public
-    op ``op_name`` (``CUDA_OPS``; ``kdc::<op_name>`` itself for other names)."""
+    op ``op_name`` (its spec's ``cuda_ops``; False for an op the extension does not provide)."""
+    from ._backend import op_spec
+
+    names = op_spec(op_name).cuda_ops
     loaded, _ = status()
-    if not loaded:
-        return False
-    return all(_has_cuda_kernel(f"kdc::{name}{KERNEL_SUFFIX}") for name in CUDA_OPS.get(op_name, (op_name,)))
+    return loaded and bool(names) and all(_has_cuda_kernel(f"kdc::{name}{KERNEL_SUFFIX}") for name in names)
 
 
 # --- argument checks of the compiled ops -----------------------------------------------------------

@@ -8,35 +8,17 @@ import sys
 import torch
 
 from . import __version__, _backend, _config, _ext
-
-# A typical valid call of each op, used to ask every impl whether it could run it.
-_PROBES = {
-    "windowed_attention": "kdc_kernels.ops.windowed_attention",
-    "max_similarity": "kdc_kernels.ops.max_similarity",
-    "max_similarity_topk": "kdc_kernels.ops.max_similarity",
-}
-
-
-def _probe_case(op_name: str, device: torch.device) -> dict:
-    """Describe a small fp32 call on ``device`` without allocating on it."""
-    meta = dict(device="meta")
-    if op_name == "windowed_attention":
-        q = torch.empty(2, 4, 32, 16, **meta)
-        return dict(q=q, k=q, v=q, rel_bias=torch.empty(4, 9, **meta), sigma=torch.empty(2, 4, 32, **meta),
-                    lengths=None, scale=None, cutoff=None)
-    case = dict(queries=torch.empty(8, 32, **meta), clips=torch.empty(4, 16, 32, **meta), lengths=None,
-                normalize=True)
-    case.update(k=2) if op_name == "max_similarity_topk" else case.update(return_index=False)
-    return case
+from .ops import OPS
 
 
 def auto_choices(device_type: str) -> dict[str, str]:
-    """What ``impl="auto"`` picks for each op for fp32 tensors on ``device_type``."""
+    """What ``impl="auto"`` picks for each op of the op table for fp32 tensors on ``device_type``
+    (asked with each op's probe case)."""
     device = torch.device(device_type)
     return {
-        op: _backend.resolve(op, "auto", device,
-                             lambda name, op=op, pkg=pkg: _backend.why_not(op, pkg, name, device, _probe_case(op, device)))
-        for op, pkg in _PROBES.items()
+        spec.name: _backend.resolve(spec.name, "auto", device,
+                                    lambda impl, spec=spec: _backend.why_not(spec, impl, device, spec.probe()))
+        for spec in OPS
     }
 
 
@@ -64,12 +46,14 @@ def report() -> str:
     lines.append(f"KDC_IMPL default: {_config.default_impl()}; deterministic: {_config.deterministic()}")
     lines.append("auto picks (fp32 tensors):")
     for device_type in ("cpu", "cuda"):
-        for op, impl in auto_choices(device_type).items():
-            lines.append(f"  {device_type:<4} {op:<20} -> {impl}")
+        picks = auto_choices(device_type)
+        for spec in OPS:
+            impl = picks[spec.name]
+            lines.append(f"  {device_type:<4} {spec.name:<20} -> {impl}")
             if device_type == "cuda" and impl != "cuda":
                 device = torch.device("cuda")
                 for fast in ("cuda", "triton") if impl == "reference" else ("cuda",):
-                    why = _backend.why_not(op, _PROBES[op], fast, device, _probe_case(op, device))
+                    why = _backend.why_not(spec, fast, device, spec.probe())
                     lines.append(f"       not {fast}: " + "; ".join(why))
     return "\n".join(lines)
 

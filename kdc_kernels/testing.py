@@ -167,11 +167,6 @@ def with_ties(clips: torch.Tensor, lengths: torch.Tensor | None = None, seed: in
     return clips
 
 
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill ``t`` with NaN (or -1 for integer tensors) so an unwritten element fails a comparison."""
-    return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach().double() - expected.detach().double()).abs().max()) if actual.numel() else 0.0
 

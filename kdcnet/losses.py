@@ -193,23 +193,17 @@ def distillation_losses(cfg: LossConfig, batch, queries: torch.Tensor, frames: t
     return kl_seg, kl_obj
 
 
-def compute_losses(model, batch, cfg: LossConfig, kd_lambda: float, *,
-                   generator: torch.Generator | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
-    """Every loss term of one batch (each a scalar tensor) plus ``"total"`` (the one to minimise).
-
-    ``model`` is a :class:`kdcnet.model.KDCNet`; ``kd_lambda`` is :func:`kd_weight` of the epoch
-    (0 skips distillation). Terms that are switched off are 0. ``generator``: see :func:`triplet_loss`;
-    ``epoch`` (from 0) selects random or hard negatives (:func:`hard_negatives_on`; None: hard).
-    """
-    frames, queries = model.encode_videos(batch), model.encode_queries(batch)
-    return embedding_losses(model, batch, frames, queries, cfg, kd_lambda, generator=generator, epoch=epoch)
-
-
 def embedding_losses(model, batch, frames: dict, queries: dict, cfg: LossConfig, kd_lambda: float, *,
                      generator: torch.Generator | None = None, epoch: int | None = None) -> dict[str, torch.Tensor]:
-    """:func:`compute_losses` from the batch's embeddings ``frames {branch: [B, L, d]}`` and
-    ``queries {branch: [Nq, d]}`` (``model`` only scores them); ``batch`` supplies
-    ``video_lengths``, ``query_video`` and the teacher features."""
+    """Every loss term of one batch (each a scalar tensor) plus ``"total"`` (the one to minimise),
+    from the batch's embeddings ``frames {branch: [B, L, d]}`` and ``queries {branch: [Nq, d]}``
+    (``model.encode_videos`` / ``encode_queries``; ``model`` only scores them here). ``batch``
+    supplies ``video_lengths``, ``query_video`` and the teacher features.
+
+    ``kd_lambda`` is :func:`kd_weight` of the epoch (0 skips distillation). Terms that are switched
+    off are 0. ``generator``: see :func:`triplet_loss`; ``epoch`` (from 0) selects random or hard
+    negatives (:func:`hard_negatives_on`; None: hard).
+    """
     lengths, qv = batch.video_lengths, batch.query_video
     cos = model.branch_scores(queries, frames, lengths)
     dots = model.branch_scores(queries, frames, lengths, normalize=False)

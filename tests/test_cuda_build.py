@@ -75,7 +75,7 @@ def test_sources_are_unique_and_complete():
     names = {Path(s).name for s in sources}
     assert {"windowed_attention_fwd.cu", "windowed_attention_bwd.cu", "max_similarity.cu", "max_similarity_topk.cu",
             "windowed_attention_binding.cpp", "max_similarity_binding.cpp", "module.cpp"} <= names
-    assert len({Path(s).stem for s in sources}) == len(sources)  # the JIT build names objects by stem
+    assert len({Path(s).stem for s in sources}) == len(sources)  # the CUDA emulation build names objects by stem
 
 
 def test_build_mismatch_messages():
@@ -98,14 +98,6 @@ def test_import_explains_a_torch_mismatch(tmp_path, monkeypatch):
     reason = _ext._load_prebuilt()
     assert "built for torch 0.0.1 (CUDA 11.0)" in reason and f"torch {torch.__version__}" in reason
     assert "KDC_BUILD_CUDA=1" in reason
-
-
-def test_jit_cache_folder_is_versioned(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = _build.jit_build_dir(torch, "9.0", ROOT)
-    assert folder.parent == tmp_path
-    assert f"torch{torch.__version__}".replace("+", "_") in folder.name and "sm9.0" in folder.name
-    assert folder.name.endswith(_build.sources_hash(ROOT))
 
 
 def test_build_info_written_beside_the_library(tmp_path):

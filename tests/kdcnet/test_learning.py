@@ -16,7 +16,7 @@ swamped the content, every query started nearly parallel to every other, and ran
 training settled where every score is equal.
 
 Thresholds keep a wide margin (measured on a 2-core AMD EPYC, README "Tests"): these runs end at
-SumR 263-326, and with the old initialisation the ranking-only ones at 84-105. Training is not
+SumR 265-322, and with the old initialisation the ranking-only ones at 84-105. Training is not
 bitwise reproducible across CPUs or thread counts (BLAS blocking differs), so only such margins
 are asserted; the bitwise promise (same machine, same thread count) has its own test at the end.
 """

@@ -192,13 +192,19 @@ def _explicit_losses(model, batch, cfg: LossConfig, lam: float) -> dict:
     return {k: float(v) for k, v in out.items()}
 
 
+def losses_of(model, batch, cfg: LossConfig, kd_lambda: float) -> dict:
+    """The loss terms of ``batch`` as the trainer computes them on one process (``trainer.step_losses``:
+    the model's encoders, then ``embedding_losses``)."""
+    return Lo.embedding_losses(model, batch, model.encode_videos(batch), model.encode_queries(batch), cfg, kd_lambda)
+
+
 @pytest.mark.parametrize("window", [3, 1])
-def test_compute_losses_matches_an_explicit_computation(window):
+def test_losses_match_an_explicit_computation(window):
     torch.manual_seed(0)
     model = KDCNet(tiny_config()).eval()
     batch = make_batch()
     cfg = LossConfig(hard_negatives=1, krd_window=window)
-    got = {k: float(v.detach()) for k, v in Lo.compute_losses(model, batch, cfg, 0.3).items()}
+    got = {k: float(v.detach()) for k, v in losses_of(model, batch, cfg, 0.3).items()}
     want = _explicit_losses(model, batch, cfg, 0.3)
     assert set(got) == set(Lo.LOSS_TERMS) | {"total"}
     for key in want:
@@ -209,16 +215,16 @@ def test_switches_and_padding():
     torch.manual_seed(0)
     model = KDCNet(tiny_config()).eval()
     batch = make_batch()
-    base = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1), 0.1)
-    padded = Lo.compute_losses(model, repad(batch, 4, 3), LossConfig(hard_negatives=1), 0.1)
+    base = losses_of(model, batch, LossConfig(hard_negatives=1), 0.1)
+    padded = losses_of(model, repad(batch, 4, 3), LossConfig(hard_negatives=1), 0.1)
     for key in base:
         assert abs(float(base[key].detach()) - float(padded[key].detach())) < 1e-5, key
-    off = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1), 0.0)
+    off = losses_of(model, batch, LossConfig(hard_negatives=1), 0.0)
     assert float(off["kl_seg"]) == float(off["kl_obj"]) == 0.0
-    no_obj = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1, krd_objective=False), 0.1)
+    no_obj = losses_of(model, batch, LossConfig(hard_negatives=1, krd_objective=False), 0.1)
     assert float(no_obj["kl_obj"]) == 0.0
     assert float(no_obj["kl_seg"].detach()) == pytest.approx(float(base["kl_seg"].detach()))
-    no_teacher = Lo.compute_losses(model, make_batch(teacher=False), LossConfig(hard_negatives=1), 0.1)
+    no_teacher = losses_of(model, make_batch(teacher=False), LossConfig(hard_negatives=1), 0.1)
     assert float(no_teacher["kl_seg"]) == 0.0
     # gradients of the distillation terms reach only the inheritance branch
     model.zero_grad()
@@ -232,9 +238,9 @@ def test_losses_under_bf16_autocast():
     torch.manual_seed(0)
     model = KDCNet(tiny_config()).eval()
     batch = make_batch()
-    ref = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1), 0.1)
+    ref = losses_of(model, batch, LossConfig(hard_negatives=1), 0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = Lo.compute_losses(model, batch, LossConfig(hard_negatives=1), 0.1)
+        got = losses_of(model, batch, LossConfig(hard_negatives=1), 0.1)
     got["total"].backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     for key in ref:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
+from .api import MAX_SIMILARITY, MAX_SIMILARITY_TOPK
 
-_FWD, _BWD = (f"kdc::{name}" for name in _ext.CUDA_OPS["max_similarity"])
-(_TOPK,) = (f"kdc::{name}" for name in _ext.CUDA_OPS["max_similarity_topk"])
+_FWD, _BWD = (f"kdc::{name}" for name in MAX_SIMILARITY.cuda_ops)
+(_TOPK,) = (f"kdc::{name}" for name in MAX_SIMILARITY_TOPK.cuda_ops)
 MAX_BACKWARD_DIM = 2048  # kMaxSimBwdMaxD in csrc/max_similarity/max_similarity.h
 MAX_QUERIES = 65535 * 64  # grid limit of the scoring kernels (query tiles of 64)
 

@@ -1,4 +1,6 @@
-"""Public ``max_similarity`` and ``max_similarity_topk``: validation, impl choice, dispatch."""
+"""Public ``max_similarity`` and ``max_similarity_topk``: validation, impl choice, dispatch, and the
+ops' entries in the op table (``MAX_SIMILARITY``, ``MAX_SIMILARITY_TOPK``, listed in
+``kdc_kernels.ops.OPS``)."""
 
 from __future__ import annotations
 
@@ -22,17 +24,6 @@ def _validate(queries, clips, lengths, mask=None) -> dict:
         )
     lengths = _checks.lengths_or_mask(lengths, mask, clips.shape[0], clips.shape[1], queries, "Nv")
     return dict(queries=queries, clips=clips, lengths=lengths)
-
-
-def _dispatch(op_name: str, impl, case: dict, reference):
-    queries, clips = case["queries"], case["clips"]
-    if queries.shape[0] == 0 or clips.shape[0] == 0:
-        # torch's convention: empty in, empty out. The requested impl must still be able to run
-        # here; the reference then builds the (autograd-connected) empty result.
-        device = queries.device
-        _backend.resolve(op_name, impl, device, lambda name: _backend.why_not(op_name, __package__, name, device, case))
-        impl = "reference"
-    return _backend.dispatch(op_name, __package__, impl, queries.device, case, reference)
 
 
 def _bool(name: str, value) -> bool:
@@ -83,9 +74,8 @@ def max_similarity(
         >>> score.shape, index.dtype
         (torch.Size([10, 4]), torch.int64)
     """
-    case = _validate(queries, clips, lengths, mask)
-    case.update(normalize=_bool("normalize", normalize), return_index=_bool("return_index", return_index))
-    return _dispatch("max_similarity", impl, case, max_similarity_ref)
+    case = _max_similarity_case(queries, clips, lengths, normalize=normalize, return_index=return_index, mask=mask)
+    return _backend.dispatch(MAX_SIMILARITY, impl, case)
 
 
 def max_similarity_topk(
@@ -122,6 +112,19 @@ def max_similarity_topk(
         >>> videos.shape
         torch.Size([10, 5])
     """
+    case = _topk_case(queries, clips, lengths, k, normalize=normalize, mask=mask)
+    return _backend.dispatch(MAX_SIMILARITY_TOPK, impl, case)
+
+
+def _max_similarity_case(queries, clips, lengths=None, *, normalize=True, return_index=False, mask=None) -> dict:
+    """The validated case of a :func:`max_similarity` call (its arguments but ``impl``)."""
+    case = _validate(queries, clips, lengths, mask)
+    case.update(normalize=_bool("normalize", normalize), return_index=_bool("return_index", return_index))
+    return case
+
+
+def _topk_case(queries, clips, lengths=None, k=100, *, normalize=True, mask=None) -> dict:
+    """The validated case of a :func:`max_similarity_topk` call (its arguments but ``impl``)."""
     case = _validate(queries, clips, lengths, mask)
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -129,4 +132,64 @@ def max_similarity_topk(
     if not 1 <= int(k) <= nv:
         raise ValueError(f"k must lie in [1, Nv] = [1, {nv}], got {k}")
     case.update(k=int(k), normalize=_bool("normalize", normalize))
-    return _dispatch("max_similarity_topk", impl, case, max_similarity_topk_ref)
+    return case
+
+
+def _is_empty(case: dict) -> bool:
+    return case["queries"].shape[0] == 0 or case["clips"].shape[0] == 0
+
+
+def _probe(**options) -> dict:
+    """A small fp32 case on the meta device (nothing is allocated)."""
+    return dict(queries=torch.empty(8, 32, device="meta"), clips=torch.empty(4, 16, 32, device="meta"), lengths=None,
+                **options)
+
+
+def _load_triton() -> _backend.FastPath:
+    from . import _triton
+
+    return _backend.FastPath(run=_triton.max_similarity_triton, unsupported=_triton.max_similarity_unsupported)
+
+
+def _load_cuda() -> _backend.FastPath:
+    from . import _cuda
+
+    return _backend.FastPath(run=_cuda.max_similarity_cuda, unsupported=_cuda.max_similarity_unsupported)
+
+
+def _load_topk_triton() -> _backend.FastPath:
+    from . import _triton_topk
+
+    return _backend.FastPath(run=_triton_topk.max_similarity_topk_triton,
+                             unsupported=_triton_topk.max_similarity_topk_unsupported)
+
+
+def _load_topk_cuda() -> _backend.FastPath:
+    from . import _cuda
+
+    return _backend.FastPath(run=_cuda.max_similarity_topk_cuda, unsupported=_cuda.max_similarity_topk_unsupported)
+
+
+MAX_SIMILARITY = _backend.OpSpec(
+    name="max_similarity",
+    function=max_similarity,
+    validate=_max_similarity_case,
+    reference=max_similarity_ref,
+    fast_paths={"triton": _load_triton, "cuda": _load_cuda},
+    probe=lambda: _probe(normalize=True, return_index=False),
+    device_of="queries",
+    is_empty=_is_empty,
+    cuda_ops=("cuda_max_similarity_fwd", "cuda_max_similarity_bwd"),
+)
+
+MAX_SIMILARITY_TOPK = _backend.OpSpec(
+    name="max_similarity_topk",
+    function=max_similarity_topk,
+    validate=_topk_case,
+    reference=max_similarity_topk_ref,
+    fast_paths={"triton": _load_topk_triton, "cuda": _load_topk_cuda},
+    probe=lambda: _probe(k=2, normalize=True),
+    device_of="queries",
+    is_empty=_is_empty,
+    cuda_ops=("cuda_max_similarity_topk",),
+)

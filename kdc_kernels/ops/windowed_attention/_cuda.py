@@ -28,8 +28,9 @@ import math
 import torch
 
 from ... import _ext
+from .api import WINDOWED_ATTENTION
 
-_FWD, _BWD = (f"kdc::{name}" for name in _ext.CUDA_OPS["windowed_attention"])
+_FWD, _BWD = (f"kdc::{name}" for name in WINDOWED_ATTENTION.cuda_ops)
 MAX_HEAD_DIM = 256  # kWindowAttnMaxD in csrc/windowed_attention/windowed_attention.h
 
 _FWD_KERNEL, _BWD_KERNEL = _FWD + _ext.KERNEL_SUFFIX, _BWD + _ext.KERNEL_SUFFIX

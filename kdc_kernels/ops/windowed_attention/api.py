@@ -1,4 +1,5 @@
-"""Public ``windowed_attention``: validation, implementation choice, dispatch."""
+"""Public ``windowed_attention``: validation, implementation choice, dispatch, and the op's entry
+in the op table (``WINDOWED_ATTENTION``, listed in ``kdc_kernels.ops.OPS``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import torch
 
 from ... import _backend, _checks
 from .reference import windowed_attention_ref
-
-OP_NAME = "windowed_attention"
 
 
 def _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask=None) -> dict:
@@ -60,10 +59,6 @@ def _check_sigma(sigma: torch.Tensor, lengths: torch.Tensor | None) -> None:
         return f"sigma must be finite and > 0 on every valid query row, got {float(sigma[at])} at index {at}"
 
     _checks.require(ok, "sigma must be finite and > 0 on every valid query row", explain, _checks.value_mode(sigma))
-
-
-def _is_empty(q: torch.Tensor) -> bool:
-    return q.numel() == 0
 
 
 def windowed_attention(
@@ -129,10 +124,42 @@ def windowed_attention(
         ...             windowed_attention(q, k, v, lengths=torch.tensor([32, 7])))
         True
     """
-    case = _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask)
-    if _is_empty(q):
-        # torch's convention: an empty batch gives an empty result. The requested impl must still
-        # be able to run here; the reference then builds the (autograd-connected) empty output.
-        _backend.resolve(OP_NAME, impl, q.device, lambda name: _backend.why_not(OP_NAME, __package__, name, q.device, case))
-        impl = "reference"
-    return _backend.dispatch(OP_NAME, __package__, impl, q.device, case, windowed_attention_ref)
+    case = _case(q, k, v, rel_bias, sigma, lengths, scale=scale, cutoff=cutoff, mask=mask)
+    return _backend.dispatch(WINDOWED_ATTENTION, impl, case)
+
+
+def _case(q, k, v, rel_bias=None, sigma=None, lengths=None, *, scale=None, cutoff=None, mask=None) -> dict:
+    """The validated case of a :func:`windowed_attention` call (its arguments but ``impl``)."""
+    return _validate(q, k, v, rel_bias, sigma, lengths, scale, cutoff, mask)
+
+
+def _probe() -> dict:
+    """A small fp32 case on the meta device (nothing is allocated)."""
+    q = torch.empty(2, 4, 32, 16, device="meta")
+    return dict(q=q, k=q, v=q, rel_bias=torch.empty(4, 9, device="meta"), sigma=torch.empty(2, 4, 32, device="meta"),
+                lengths=None, scale=None, cutoff=None)
+
+
+def _load_triton() -> _backend.FastPath:
+    from . import _triton
+
+    return _backend.FastPath(run=_triton.windowed_attention_triton, unsupported=_triton.windowed_attention_unsupported)
+
+
+def _load_cuda() -> _backend.FastPath:
+    from . import _cuda
+
+    return _backend.FastPath(run=_cuda.windowed_attention_cuda, unsupported=_cuda.windowed_attention_unsupported)
+
+
+WINDOWED_ATTENTION = _backend.OpSpec(
+    name="windowed_attention",
+    function=windowed_attention,
+    validate=_case,
+    reference=windowed_attention_ref,
+    fast_paths={"triton": _load_triton, "cuda": _load_cuda},
+    probe=_probe,
+    device_of="q",
+    is_empty=lambda case: case["q"].numel() == 0,
+    cuda_ops=("cuda_windowed_attention_fwd", "cuda_windowed_attention_bwd"),
+)
