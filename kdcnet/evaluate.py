@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from kdc_kernels import max_similarity, max_similarity_topk
-from kdc_kernels.ops.max_similarity.reference import merge_topk
+from kdc_kernels import merge_topk
 
 from . import distributed as D
 from . import metrics as M

@@ -16,7 +16,7 @@ import torch
 import kdc_kernels as K
 from kdc_kernels import testing
 from kdcnet import metrics as M
-from kdc_kernels.ops.max_similarity.reference import merge_topk
+from kdc_kernels import merge_topk
 from kdcnet.evaluate import fused_topk
 
 NAN = float("nan")
@@ -190,6 +190,39 @@ def test_merge_topk_puts_nan_last_in_index_order():
         want_s, want_i = _nan_sorted(scores, k)
         assert torch.equal(best_i, want_i), (k, block)
         torch.testing.assert_close(best_s, want_s, equal_nan=True)
+
+
+
+@pytest.mark.parametrize("args, error, words", [
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(2, 3),
+      torch.arange(3).expand(2, -1), 0), ValueError, "k must be >= 1"),
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(2, 3),
+      torch.arange(3).expand(2, -1), 2.0), TypeError, "k must be an int"),
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(3, 3),
+      torch.arange(3).expand(3, -1), 2), ValueError, "new_scores must have Nq = 2"),
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(2, 3),
+      torch.arange(4).expand(2, -1), 2), ValueError, "new_indices must have shape"),
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(2, 3),
+      torch.arange(3).expand(2, -1).int(), 2), TypeError, "new_indices must have dtype torch.int64"),
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(2, 3).double(),
+      torch.arange(3).expand(2, -1), 2), TypeError, "new_scores must have the same dtype"),
+    ((torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64), torch.rand(6),
+      torch.arange(6), 2), ValueError, "new_scores must be a 2-D tensor"),
+    (([], torch.empty(2, 0, dtype=torch.int64), torch.rand(2, 3),
+      torch.arange(3).expand(2, -1), 2), TypeError, "best_scores must be a torch.Tensor"),
+])
+def test_public_merge_topk_names_the_bad_argument(args, error, words):
+    import kdc_kernels
+    with pytest.raises(error, match=words):
+        kdc_kernels.merge_topk(*args)
+
+
+def test_public_merge_topk_is_the_one_the_evaluation_uses():
+    import kdc_kernels
+    import kdcnet.distributed
+    import kdcnet.evaluate
+    assert kdcnet.evaluate.merge_topk is kdc_kernels.merge_topk
+    assert kdcnet.distributed.merge_topk is kdc_kernels.merge_topk
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ import torch
 
 from ... import _backend, _checks
 from .reference import max_similarity_ref, max_similarity_topk_ref
+from .reference import merge_topk as _merge_topk
 
 
 def _validate(queries, clips, lengths, mask=None) -> dict:
@@ -114,6 +115,57 @@ def max_similarity_topk(
     """
     case = _topk_case(queries, clips, lengths, k, normalize=normalize, mask=mask)
     return _backend.dispatch(MAX_SIMILARITY_TOPK, impl, case)
+
+
+def merge_topk(best_scores: torch.Tensor, best_indices: torch.Tensor, new_scores: torch.Tensor,
+               new_indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a running top-k list with a block of candidates, for streaming a corpus in blocks.
+
+    The rule :func:`max_similarity_topk` ranks by, for scores computed elsewhere (a fused score of
+    two branches, the lists of several ranks): the k best, descending, ties (equal scores) to the
+    lower index, NaN scores last (below ``-inf``) in index order. Exact for the scores as given.
+
+    Args:
+        best_scores, best_indices: the running list ``[Nq, m]`` (``m`` may be 0), float / int64.
+        new_scores, new_indices: candidates ``[Nq, n]`` whose indices all exceed the kept ones
+            (blocks visited in index order); the same dtypes and device as the running list.
+        k: the length kept, ``>= 1`` (the result has ``min(k, m + n)`` columns).
+
+    Returns:
+        ``(scores [Nq, min(k, m + n)], indices [Nq, min(k, m + n)])``.
+
+    Example:
+        >>> s, i = torch.empty(2, 0), torch.empty(2, 0, dtype=torch.int64)
+        >>> for v0 in range(0, 10, 4):
+        ...     block = torch.rand(2, min(4, 10 - v0))
+        ...     ids = torch.arange(v0, v0 + block.shape[1]).expand(2, -1)
+        ...     s, i = merge_topk(s, i, block, ids, k=3)
+        >>> i.shape
+        torch.Size([2, 3])
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    named = {"best_scores": best_scores, "best_indices": best_indices,
+             "new_scores": new_scores, "new_indices": new_indices}
+    for name, x in named.items():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [Nq, n], got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor [Nq, n], got shape {tuple(x.shape)}")
+        _checks.same_device(name, x, "best_scores", best_scores)
+    for scores_name, index_name in (("best_scores", "best_indices"), ("new_scores", "new_indices")):
+        _checks.shape(index_name, named[index_name], named[scores_name].shape, f"{scores_name}.shape")
+        if not named[scores_name].dtype.is_floating_point:
+            raise TypeError(f"{scores_name} must be a floating tensor, got {named[scores_name].dtype}")
+        if named[index_name].dtype != torch.int64:
+            raise TypeError(f"{index_name} must have dtype torch.int64, got {named[index_name].dtype}")
+    if new_scores.shape[0] != best_scores.shape[0]:
+        raise ValueError(f"new_scores must have Nq = {best_scores.shape[0]} rows as best_scores, "
+                         f"got shape {tuple(new_scores.shape)}")
+    _checks.same_dtype("new_scores", new_scores, "best_scores", best_scores)
+    return _merge_topk(best_scores, best_indices, new_scores, new_indices, k)
 
 
 def _max_similarity_case(queries, clips, lengths=None, *, normalize=True, return_index=False, mask=None) -> dict:
