@@ -36,7 +36,7 @@ ABLATIONS = (
     ("no distillation", ("loss.distill=false",)),
     ("no refinement", ("loss.krd_window=1",)),
 )
-IMPLS = ("auto", "reference", "triton", "cuda")
+IMPLS = ("auto", "reference", "triton", "cuda")  # kdc_kernels._config.IMPL_CHOICES, without importing torch
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

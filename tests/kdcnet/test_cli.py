@@ -22,6 +22,14 @@ def _subparsers(parser):
     return action.choices
 
 
+def test_impl_choices_are_the_packages():
+    """The CLI keeps its own list so that ``kdcnet --help`` never imports torch; it must be the
+    package's list."""
+    from kdc_kernels import _config
+
+    assert cli.IMPLS == _config.IMPL_CHOICES
+
+
 def test_help_lists_every_option_with_its_default(capsys):
     parser = cli.build_parser()
     subs = _subparsers(parser)

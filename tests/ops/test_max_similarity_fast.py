@@ -536,8 +536,8 @@ def test_topk_peak_memory_is_far_below_a_score_matrix(mode, k):
 def test_topk_k_above_the_limit_is_refused():
     meta = dict(queries=torch.empty(4, 8, device="meta"), clips=torch.empty(5000, 2, 8, device="meta"),
                 lengths=None, normalize=True)
-    assert T.max_similarity_topk_unsupported(**meta, k=TK._TOPK_MAX_K) == []
-    reasons = T.max_similarity_topk_unsupported(**meta, k=TK._TOPK_MAX_K + 1)
+    assert TK.max_similarity_topk_unsupported(**meta, k=TK._TOPK_MAX_K) == []
+    reasons = TK.max_similarity_topk_unsupported(**meta, k=TK._TOPK_MAX_K + 1)
     assert len(reasons) == 1 and str(TK._TOPK_MAX_K) in reasons[0]
     if _config.triton_interpret():
         q, c = torch.randn(2, 4), torch.randn(TK._TOPK_MAX_K + 1, 1, 4)
@@ -577,7 +577,7 @@ def test_size_limits_are_reasons_and_exotic_strides_are_compacted():
     assert T.max_similarity_unsupported(q, torch.empty(9, 3, 8, device="meta"), None, True, False) == []
     reasons = T.max_similarity_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, True, False)
     assert len(reasons) == 1 and "Nv = 16777217" in reasons[0]
-    assert T.max_similarity_topk_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, 5, True) == []
+    assert TK.max_similarity_topk_unsupported(q, torch.empty(2**24 + 1, 1, 8, device="meta"), None, 5, True) == []
     long = torch.empty(3, T._MAX_BWD_L + 1, 8, device="meta")
     assert T.max_similarity_unsupported(q, long, None, True, False) == []  # no gradient: any L
     reasons = T.max_similarity_unsupported(q, long.requires_grad_(True), None, True, False)

@@ -403,13 +403,3 @@ def max_similarity_unsupported(queries, clips, lengths, normalize, return_index)
 def max_similarity_triton(queries, clips, lengths, normalize, return_index):
     score, index, _, _ = torch.ops.kdc_triton.max_similarity_fwd(queries, clips, lengths, normalize)
     return (score, index) if return_index else score
-
-
-def __getattr__(name: str):
-    """The dispatcher finds every op of the package in ``_triton``; max_similarity_topk lives in
-    ``_triton_topk`` (which imports this module, so it is loaded on first use)."""
-    if name in ("max_similarity_topk_triton", "max_similarity_topk_unsupported"):
-        from . import _triton_topk
-
-        return getattr(_triton_topk, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
