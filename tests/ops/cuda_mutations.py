@@ -12,14 +12,10 @@ both ops with ``-x``; the first test that fails is printed (none: the mutation s
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.ops.mutants import run_mutant
+
 FWD = "csrc/windowed_attention/windowed_attention_tc_fwd.cu"
 TILE = "csrc/windowed_attention/tc_tile.cuh"
 SCORE = "csrc/max_similarity/tc_score.cuh"
@@ -63,21 +59,8 @@ MUTATIONS = {
 
 def run(number: int) -> tuple[str, list[str]]:
     path, old, new, _ = MUTATIONS[number]
-    with tempfile.TemporaryDirectory(prefix=f"kdc-cuda-mutant-{number}-") as tmp:
-        copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".cache", ".venv", "__pycache__", "runs"))
-        target = copy / path
-        text = target.read_text()
-        if text.count(old) != 1:
-            return "not applicable (the code changed)", []
-        target.write_text(text.replace(old, new))
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", "-m", "slow", "-k",
-               "cuda-emulated", *TESTS]
-        proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=3600)
-        failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
-        if proc.returncode != 0 and not failed:  # the process died (a crash, an abort)
-            return f"killed (exit {proc.returncode}, no test report)", [proc.stdout[-400:] + proc.stderr[-400:]]
-        return ("killed" if proc.returncode != 0 else "SURVIVED"), failed
+    return run_mutant(f"cuda-{number}", path, old, new, ["-x", "-m", "slow", "-k", "cuda-emulated", *TESTS],
+                      timeout=3600)
 
 
 def main(argv: list[str]) -> int:

@@ -13,14 +13,11 @@ tests, or an equivalent change). The results are recorded in the docstring of
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.ops.mutants import run_mutant
+
 WA = "kdc_kernels/ops/windowed_attention/_triton_kernels.py"  # the kernels
 WL = "kdc_kernels/ops/windowed_attention/_triton.py"  # tile plans and launchers
 MS = "kdc_kernels/ops/max_similarity/_triton.py"  # forward kernel and launchers
@@ -89,19 +86,8 @@ MUTATIONS = [
 
 def run(number: int, first_only: bool = False) -> tuple[str, list[str]]:
     path, old, new, _ = MUTATIONS[number - 1]
-    with tempfile.TemporaryDirectory(prefix=f"kdc-mutant-{number}-") as tmp:
-        copy = Path(tmp) / "repo"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".cache", ".venv", "__pycache__", "runs"))
-        target = copy / path
-        text = target.read_text()
-        if text.count(old) != 1:
-            return "not applicable (the code changed)", []
-        target.write_text(text.replace(old, new))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "-m", "not slow and not gpu",
-               *(["-x"] if first_only else []), *TESTS[path]]
-        proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True, timeout=1800)
-        failed = re.findall(r"^FAILED (\S+)", proc.stdout, flags=re.MULTILINE)
-        return ("killed" if proc.returncode != 0 else "SURVIVED"), failed
+    return run_mutant(str(number), path, old, new,
+                      ["-m", "not slow and not gpu", *(["-x"] if first_only else []), *TESTS[path]], timeout=1800)
 
 
 def main(argv: list[str]) -> int:
