@@ -38,22 +38,12 @@
 namespace kdc {
 namespace tc {
 
-// Two fp32 values rounded to the 16-bit type T, packed as one fragment register (lo first).
+// Two fp32 values rounded to the 16-bit type T (bf16 or fp16), packed as one fragment register
+// (lo first).
 template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat16 a = __float2bfloat16_rn(lo), b = __float2bfloat16_rn(hi);
-  uint16_t ua, ub;
-  memcpy(&ua, &a, 2);
-  memcpy(&ub, &b, 2);
-  return static_cast<uint32_t>(ua) | (static_cast<uint32_t>(ub) << 16);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half a = __float2half_rn(lo), b = __float2half_rn(hi);
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  static_assert(sizeof(T) == 2, "a fragment register holds two 16-bit elements");
+  const T a = from_f32<T>(lo), b = from_f32<T>(hi);
   uint16_t ua, ub;
   memcpy(&ua, &a, 2);
   memcpy(&ub, &b, 2);

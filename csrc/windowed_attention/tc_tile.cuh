@@ -37,6 +37,30 @@ constexpr int kMaxD = 128;
 
 __host__ __device__ constexpr int head_tile(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : 128; }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls launch(TypeTag<T>{}, std::integral_constant<int, DT>{}) with the 16-bit element type T of
+// dtype (bf16, else fp16) and the head tile DT of D: the one instantiation table of the
+// tensor-core entry points.
+template <typename Launch>
+cudaError_t dispatch_dtype_and_tile(DType dtype, int D, Launch&& launch) {
+  if (dtype == DType::kBFloat16) {
+    switch (head_tile(D)) {
+      case 32: return launch(TypeTag<__nv_bfloat16>{}, std::integral_constant<int, 32>{});
+      case 64: return launch(TypeTag<__nv_bfloat16>{}, std::integral_constant<int, 64>{});
+      default: return launch(TypeTag<__nv_bfloat16>{}, std::integral_constant<int, 128>{});
+    }
+  }
+  switch (head_tile(D)) {
+    case 32: return launch(TypeTag<__half>{}, std::integral_constant<int, 32>{});
+    case 64: return launch(TypeTag<__half>{}, std::integral_constant<int, 64>{});
+    default: return launch(TypeTag<__half>{}, std::integral_constant<int, 128>{});
+  }
+}
+
 // Bias-table offsets any pair (i, j) reaches: [-Rp, Rp] with Rp = min(R, L - 1) (entries of rel_bias
 // beyond get a zero gradient). The same as the SIMT kernels' partial tables.
 __host__ __device__ inline int reach_of(int R, int L) { return R < L - 1 ? R : L - 1; }

@@ -677,18 +677,9 @@ cudaError_t launch_tc_bwd(const WindowAttnBwdParams& p, cudaStream_t stream) {
 cudaError_t window_attn_tc_bwd(const WindowAttnBwdParams& p, cudaStream_t stream) {
   const WindowAttnFwdParams& f = p.fwd;
   if (!window_attn_tc_supported(f)) return cudaErrorInvalidValue;
-  if (f.dtype == DType::kBFloat16) {
-    switch (wattn_tc::head_tile(f.D)) {
-      case 32: return wattn_tc::launch_tc_bwd<__nv_bfloat16, 32>(p, stream);
-      case 64: return wattn_tc::launch_tc_bwd<__nv_bfloat16, 64>(p, stream);
-      default: return wattn_tc::launch_tc_bwd<__nv_bfloat16, 128>(p, stream);
-    }
-  }
-  switch (wattn_tc::head_tile(f.D)) {
-    case 32: return wattn_tc::launch_tc_bwd<__half, 32>(p, stream);
-    case 64: return wattn_tc::launch_tc_bwd<__half, 64>(p, stream);
-    default: return wattn_tc::launch_tc_bwd<__half, 128>(p, stream);
-  }
+  return wattn_tc::dispatch_dtype_and_tile(f.dtype, f.D, [&](auto type, auto tile) {
+    return wattn_tc::launch_tc_bwd<typename decltype(type)::type, decltype(tile)::value>(p, stream);
+  });
 }
 
 }  // namespace kdc

@@ -222,18 +222,9 @@ bool window_attn_tc_supported(const WindowAttnFwdParams& p) {
 
 cudaError_t window_attn_tc_fwd(const WindowAttnFwdParams& p, cudaStream_t stream) {
   if (!window_attn_tc_supported(p)) return cudaErrorInvalidValue;
-  if (p.dtype == DType::kBFloat16) {
-    switch (wattn_tc::head_tile(p.D)) {
-      case 32: return wattn_tc::launch_tc_fwd<__nv_bfloat16, 32>(p, stream);
-      case 64: return wattn_tc::launch_tc_fwd<__nv_bfloat16, 64>(p, stream);
-      default: return wattn_tc::launch_tc_fwd<__nv_bfloat16, 128>(p, stream);
-    }
-  }
-  switch (wattn_tc::head_tile(p.D)) {
-    case 32: return wattn_tc::launch_tc_fwd<__half, 32>(p, stream);
-    case 64: return wattn_tc::launch_tc_fwd<__half, 64>(p, stream);
-    default: return wattn_tc::launch_tc_fwd<__half, 128>(p, stream);
-  }
+  return wattn_tc::dispatch_dtype_and_tile(p.dtype, p.D, [&](auto type, auto tile) {
+    return wattn_tc::launch_tc_fwd<typename decltype(type)::type, decltype(tile)::value>(p, stream);
+  });
 }
 
 }  // namespace kdc
