@@ -31,17 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kdc_kernels as K  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import shapes as shape_sets  # noqa: E402
 from kdc_kernels import _backend, testing  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = {
-    "windowed_attention": ("kdc_kernels.ops.windowed_attention", K.windowed_attention),
-    "max_similarity": ("kdc_kernels.ops.max_similarity", K.max_similarity),
-    "max_similarity_topk": ("kdc_kernels.ops.max_similarity", K.max_similarity_topk),
-}
 COLUMNS = ["case", "impl", "dtype", "ms", "vs_cuda", "tflops", "max_diff_vs_cuda", "peak_mib", "note"]
 
 
@@ -107,20 +101,13 @@ def impl_environment(impl: str):
 
 
 def why_not(case: dict, impl: str, device: torch.device, args: dict) -> list[str]:
-    package, _ = OPS[case["op"]]
-    validated = dict(args)
-    if case["op"] == "windowed_attention":
-        validated.setdefault("scale", None)
-    else:
-        validated["normalize"] = True
-        if case["op"] == "max_similarity":
-            validated["return_index"] = False
-    return _backend.why_not(case["op"], package, base_impl(impl), device, validated)
+    spec = _backend.op_spec(case["op"])
+    return _backend.why_not(spec, base_impl(impl), device, spec.validate(**args))
 
 
 def runner(case: dict, impl: str, inputs: list[dict]):
     """fn(i) running the op (and its backward) on input set i % len(inputs)."""
-    _, op = OPS[case["op"]]
+    op = _backend.op_spec(case["op"]).function
     grad_names = ("q", "k", "v", "rel_bias", "sigma") if case["op"] == "windowed_attention" else ("queries", "clips")
 
     def run(i: int):

@@ -28,11 +28,14 @@ from kdc_kernels import _backend, testing
 IMPLS = ("reference", "triton", "cuda")
 
 
-def _skip_unless_runnable(op_name, package, impl, device, case, benchmark):
+def _skip_unless_runnable(op_name, impl, device, args, benchmark):
+    """Skip unless ``impl`` can run the op on ``args`` (its public arguments, as the timed call
+    passes them)."""
     if device.type == "cpu" and impl == "triton" and not benchmark.disabled:
         pytest.skip("Triton on CPU runs only under the interpreter: not a speed measurement "
                     "(the smoke run, --benchmark-disable, checks it)")
-    reasons = _backend.why_not(op_name, package, impl, device, case)
+    spec = _backend.op_spec(op_name)
+    reasons = _backend.why_not(spec, impl, device, spec.validate(**args))
     if reasons:
         pytest.skip("; ".join(reasons))
 
@@ -83,9 +86,7 @@ def test_windowed_attention_fwd_bwd(benchmark, bench_device, attention_shape, im
     s = attention_shape
     dtype = _dtype(bench_device)
     args = s.inputs(dtype, bench_device)
-    case = dict(args, lengths=None, scale=None, cutoff=s.cutoff)
-    _skip_unless_runnable("windowed_attention", "kdc_kernels.ops.windowed_attention", impl, bench_device, case,
-                          benchmark)
+    _skip_unless_runnable("windowed_attention", impl, bench_device, dict(args, cutoff=s.cutoff), benchmark)
     benchmark.group = f"windowed_attention fwd+bwd {s.name}"
     grad = torch.randn(args["q"].shape, generator=testing.make_generator(1)).to(bench_device, dtype)
     _check_attention(impl, args, s, grad, dtype, impl == "triton" and testing.tf32_enabled(bench_device))
@@ -121,8 +122,7 @@ def test_max_similarity(benchmark, bench_device, similarity_shape, impl):
     s = similarity_shape
     dtype = _dtype(bench_device)
     args = s.inputs(dtype, bench_device, requires_grad=s.backward)
-    _skip_unless_runnable("max_similarity", "kdc_kernels.ops.max_similarity", impl, bench_device,
-                          dict(args, normalize=True, return_index=False), benchmark)
+    _skip_unless_runnable("max_similarity", impl, bench_device, args, benchmark)
     benchmark.group = f"max_similarity {s.mode} {s.name}"
     grad = torch.randn(s.nq, s.nv, generator=testing.make_generator(2)).to(bench_device)
     tf32 = impl == "triton" and testing.tf32_enabled(bench_device)
@@ -142,8 +142,7 @@ def test_max_similarity_topk(benchmark, bench_device, topk_shape, impl):
     s = topk_shape
     dtype = _dtype(bench_device)
     args = s.inputs(dtype, bench_device)
-    _skip_unless_runnable("max_similarity_topk", "kdc_kernels.ops.max_similarity", impl, bench_device,
-                          dict(args, k=s.k, normalize=True), benchmark)
+    _skip_unless_runnable("max_similarity_topk", impl, bench_device, dict(args, k=s.k), benchmark)
     benchmark.group = f"max_similarity_topk {s.name}"
     scores, videos = K.max_similarity_topk(**args, k=s.k, impl=impl)
     full = K.max_similarity(**_fp32(args, ("queries", "clips")), impl="reference")

@@ -166,15 +166,9 @@ class OpSpec:
     loaded extension); empty when the extension provides no kernel for this op."""
 
 
-def why_not(op, impl: str, device: torch.device, case: dict, *older) -> list[str]:
+def why_not(op, impl: str, device: torch.device, case: dict) -> list[str]:
     """Every reason ``impl`` cannot run the op ``op`` (an :class:`OpSpec`, or its name) on ``case``
-    (the op's validated arguments) with tensors on ``device``; empty when it can.
-
-    The older form ``why_not(op_name, package, impl, device, case)``, which the benchmark scripts
-    still use, works too: the package is the table's business now and is not used.
-    """
-    if older:
-        impl, device, case = device, case, older[0]
+    (the op's validated arguments) with tensors on ``device``; empty when it can."""
     spec = op if isinstance(op, OpSpec) else op_spec(op)
     if impl == "reference":
         return []

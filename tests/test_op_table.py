@@ -125,14 +125,6 @@ def test_dispatch_follows_the_table(monkeypatch):
     assert calls == [sorted(case)]
 
 
-def test_older_why_not_form_still_works():
-    """``why_not(op_name, package, impl, device, case)``: the form the benchmark scripts call."""
-    spec = _backend.op_spec("windowed_attention")
-    device = torch.device("cpu")
-    older = _backend.why_not(spec.name, "kdc_kernels.ops.windowed_attention", "cuda", device, spec.probe())
-    assert older == _backend.why_not(spec, "cuda", device, spec.probe()) and older
-
-
 @pytest.mark.skipif(not _backend.triton_available(), reason="needs triton (the interpreter)")
 def test_fullgraph_compile_in_a_fresh_process():
     """torch.compile(fullgraph=True) traces the dispatch even when the fast-path modules are first
