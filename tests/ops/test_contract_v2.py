@@ -24,8 +24,6 @@ product instead of an mma, which sums the same terms in another order.
 from __future__ import annotations
 
 import functools
-import math
-import os
 
 import pytest
 import torch
